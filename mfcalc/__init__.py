@@ -1,0 +1,21 @@
+"""mfcalc: multi-fidelity machine-learned interatomic potentials for molecular dynamics.
+
+    from mfcalc import MFCalculator
+    atoms.calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)")
+"""
+
+__version__ = "0.1.0"
+
+from .calculator import MFCalculator  # noqa: E402
+from .modelfile import ModelFileError, export_model, load_model, read_metadata  # noqa: E402
+from .neighbors import neighbor_list  # noqa: E402
+
+__all__ = [
+    "MFCalculator",
+    "ModelFileError",
+    "export_model",
+    "load_model",
+    "neighbor_list",
+    "read_metadata",
+    "__version__",
+]

@@ -1,0 +1,285 @@
+"""MFCalculator: an ASE calculator for an exported mfcalc model at a chosen level of theory."""
+
+import difflib
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from .modelfile import load_model
+from .neighbors import BACKENDS
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be 'float32' or 'float64' (or None for the model's own), got {dtype!r}")
+
+
+def _parse_device(device: Union[str, torch.device]) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={str(device)!r} was asked for, but this torch ({torch.__version__}) sees no "
+            "CUDA GPU; use device='cpu' (or 'auto', which picks CUDA only when there is one)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {str(device)!r}")
+    return device
+
+
+def exact_changes(old: Atoms, new: Atoms, ignored: Optional[set] = None) -> List[str]:
+    """ASE's ``compare_atoms`` with exact equality instead of ``np.allclose``.
+
+    Same names, same meaning (a property that differs at all has changed), a fraction of the
+    cost: MD calls this three times per step.
+    """
+    changes = []
+    if not np.array_equal(old.cell.array, new.cell.array):
+        changes.append("cell")
+    if not np.array_equal(old.pbc, new.pbc):
+        changes.append("pbc")
+    arrays_old, arrays_new = old.arrays, new.arrays
+    for key in arrays_old.keys() | arrays_new.keys():
+        a, b = arrays_old.get(key), arrays_new.get(key)
+        if a is None or b is None or not np.array_equal(a, b):
+            changes.append(key)
+    if ignored:
+        changes = [c for c in changes if c not in ignored]
+    return changes
+
+
+class MFCalculator(Calculator):
+    """ASE calculator for a multi-fidelity mfcalc potential.
+
+    Parameters
+    ----------
+    model: a shipped model name (``"ethanol-mf"``), a directory holding ``model.pt``, or a path
+        to an exported ``.pt`` file.
+    fidelity: level of theory to predict, by name or alias (``"CCSD(T)"``); ``None`` takes the
+        model's declared default. An unknown name raises: there is no silent fallback.
+    device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``.
+    dtype: ``"float32"``, ``"float64"`` or None for the dtype the model was exported in.
+    neighbor_list: ``"auto"``, ``"dense"``, ``"vesin"`` or ``"torch-cluster"``.
+
+    Properties: energy, free_energy (= energy), energies (per atom), forces, and stress for
+    periodic cells, in eV and Å. ``calc.fidelity = "..."`` switches level of theory.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(
+        self,
+        model: str = "ethanol-mf",
+        fidelity: Optional[str] = None,
+        device: Union[str, torch.device] = "auto",
+        dtype: Union[None, str, torch.dtype] = None,
+        neighbor_list: str = "auto",
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if neighbor_list not in BACKENDS:
+            raise ValueError(f"neighbor_list must be one of {BACKENDS}, got {neighbor_list!r}")
+        self.device = _parse_device(device)
+        self.module, self.metadata = load_model(model, self.device, _parse_dtype(dtype))
+        self.dtype = next(self.module.parameters()).dtype
+        self.neighbor_backend = neighbor_list
+        self.fidelities: List[str] = list(self.metadata["fidelities"])
+        self.aliases: Dict[str, str] = dict(self.metadata.get("aliases", {}))
+        self.elements: List[int] = list(self.metadata["elements"])
+        self.cutoff: float = float(self.metadata["cutoff"])
+        self._fidelity_index = -1
+        self.fidelity = self.metadata["default_fidelity"] if fidelity is None else fidelity
+        self._checked_structure: Optional[tuple] = None
+
+    # ------------------------------------------------------------------ fidelity
+    def resolve_fidelity(self, name: str) -> str:
+        """The fidelity a name or alias stands for; ValueError listing the choices otherwise."""
+        if name in self.fidelities:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        choices = self.fidelities + sorted(self.aliases)
+        close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        alias_text = ", ".join(f"{a!r} -> {t!r}" for a, t in sorted(self.aliases.items()))
+        raise ValueError(
+            f"unknown fidelity {name!r} for model {self.metadata.get('path')}.{hint} "
+            f"Available fidelities: {self.fidelities}"
+            + (f"; aliases: {alias_text}" if alias_text else "")
+        )
+
+    @property
+    def fidelity(self) -> str:
+        """The level of theory this calculator predicts (full name)."""
+        return self.fidelities[self._fidelity_index]
+
+    @fidelity.setter
+    def fidelity(self, name: str) -> None:
+        index = self.fidelities.index(self.resolve_fidelity(name))
+        if index != self._fidelity_index:
+            self._fidelity_index = index
+            self.reset()  # results belong to the old level of theory
+
+    # ------------------------------------------------------------------ ASE interface
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> List[str]:
+        if self.atoms is None:
+            return list(all_changes)
+        return exact_changes(self.atoms, atoms, set(self.ignored_changes))
+
+    def calculate(
+        self,
+        atoms: Optional[Atoms] = None,
+        properties: List[str] = ("energy",),
+        system_changes: List[str] = all_changes,
+    ) -> None:
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        self._check_structure(atoms)
+        positions = atoms.positions
+        if not np.isfinite(positions).all():
+            bad = np.where(~np.isfinite(positions).all(axis=1))[0]
+            raise ValueError(f"positions of atom(s) {bad.tolist()[:10]} are NaN or infinite")
+        periodic = bool(atoms.pbc.any())
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError(
+                "stress is defined for periodic cells only; this structure has pbc=False in "
+                "every direction (set atoms.pbc and a cell to get a stress)"
+            )
+        out = self.module.compute(
+            torch.from_numpy(positions).to(self.device, self.dtype),
+            self._numbers,
+            self._cell,
+            self._pbc,
+            self._fidelity_index,
+            periodic and "stress" in properties,
+            self._backend,
+            self._edges(atoms),
+        )
+        energy = float(out["energy"])
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": out["energies"].detach().cpu().numpy().astype(np.float64),
+            "forces": out["forces"].detach().cpu().numpy().astype(np.float64),
+        }
+        if "stress" in out:
+            stress = out["stress"].detach().cpu().numpy().astype(np.float64)
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
+        if not np.isfinite(self.results["forces"]).all():
+            raise FloatingPointError(
+                "the model returned non-finite forces; two atoms may be on top of each other "
+                f"(smallest distance {self._min_distance(atoms):.3g} Å)"
+            )
+
+    # ------------------------------------------------------------------ helpers
+    def _edges(self, atoms: Atoms) -> Optional[List[torch.Tensor]]:
+        """None lets the model file search neighbors itself; torch-cluster runs here."""
+        if self._backend != "torch-cluster":
+            return None
+        from .neighbors import torch_cluster_neighbor_list
+
+        edge_index, shifts = torch_cluster_neighbor_list(
+            torch.from_numpy(atoms.positions).to(self.device, self.dtype),
+            self._cell, self._pbc, self.cutoff,
+        )
+        return [edge_index, shifts]
+
+    def _check_structure(self, atoms: Atoms) -> None:
+        """Checks that depend on numbers, cell and pbc only; cached until one of them changes."""
+        key = (atoms.numbers.tobytes(), atoms.cell.array.tobytes(), atoms.pbc.tobytes())
+        if key == self._checked_structure:
+            return
+        self._checked_structure = None
+        if len(atoms) == 0:
+            raise ValueError("the structure has no atoms")
+        unknown = sorted(set(atoms.numbers.tolist()) - set(self.elements))
+        if unknown:
+            from ase.data import chemical_symbols as sym
+
+            raise ValueError(
+                f"element(s) {[sym[z] for z in unknown]} are not in this model; it knows "
+                f"{[sym[z] for z in self.elements]}"
+            )
+        if atoms.pbc.any():
+            periodic_rows = atoms.cell.array[atoms.pbc]
+            gram = periodic_rows @ periodic_rows.T
+            if np.linalg.det(gram) < 1e-6:
+                raise ValueError(
+                    f"the cell vectors of the periodic directions (pbc={atoms.pbc.tolist()}) "
+                    f"are zero or linearly dependent: cell={atoms.cell.array.tolist()}; set a "
+                    "cell with non-zero volume, or pbc=False for a molecule"
+                )
+        self._numbers = torch.from_numpy(atoms.numbers.astype(np.int64)).to(self.device)
+        self._cell = torch.from_numpy(atoms.cell.array.copy()).to(self.device, self.dtype)
+        self._pbc = torch.from_numpy(atoms.pbc.copy()).to(self.device)
+        backend = self.neighbor_backend
+        if backend == "auto":
+            from .neighbors import pick_backend
+
+            backend = pick_backend(len(atoms), self.device)
+        self._backend = backend
+        self._checked_structure = key
+
+    @staticmethod
+    def _min_distance(atoms: Atoms) -> float:
+        if len(atoms) < 2:
+            return float("inf")
+        d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+        return float(d[np.triu_indices(len(atoms), 1)].min())
+
+    # ------------------------------------------------------------------ every fidelity at once
+    def predict_all_fidelities(self, atoms: Atoms) -> Dict[str, Any]:
+        """Energy and forces at every fidelity from one batched pass, and their spread.
+
+        Returns a dict with ``fidelities`` (names), ``energy`` (F,) total energies in eV,
+        ``forces`` (F, N, 3), ``relative_energy`` (F,) energies minus each fidelity's
+        element reference energies (comparable across methods), ``energy_spread`` (std of
+        ``relative_energy``, eV) and ``forces_spread`` (N,) RMS over components of the std
+        of the forces across fidelities, eV/Å: a cheap disagreement signal.
+        """
+        self._check_structure(atoms)
+        n_fid, n_atoms = len(self.fidelities), len(atoms)
+        positions = torch.from_numpy(atoms.positions).to(self.device, self.dtype)
+        edge_index, shifts = self.module.neighbor_list(
+            positions, self._cell, self._pbc,
+            "vesin" if self._backend == "torch-cluster" else self._backend,
+        )
+        n_edges = edge_index.shape[1]
+        offsets = (torch.arange(n_fid, device=self.device) * n_atoms).repeat_interleave(n_edges)
+        out = self.module.forward(
+            positions.repeat(n_fid, 1),
+            self._numbers.repeat(n_fid),
+            self._cell.unsqueeze(0).expand(n_fid, 3, 3).contiguous(),
+            edge_index.repeat(1, n_fid) + offsets,
+            shifts.repeat(n_fid, 1),
+            torch.arange(n_fid, device=self.device),
+            torch.arange(n_fid, device=self.device).repeat_interleave(n_atoms),
+            True,
+            False,
+        )
+        energy = out["energy"].detach().cpu().numpy().astype(np.float64)
+        forces = out["forces"].detach().cpu().numpy().astype(np.float64).reshape(n_fid, n_atoms, 3)
+        species = self.module.species_of_z[self._numbers]
+        reference = self.module.model.e0[:, species].sum(dim=1).detach().cpu().numpy()
+        relative = energy - reference.astype(np.float64)
+        return {
+            "fidelities": list(self.fidelities),
+            "energy": energy,
+            "forces": forces,
+            "relative_energy": relative,
+            "energy_spread": float(relative.std()),
+            "forces_spread": np.sqrt((forces.std(axis=0) ** 2).mean(axis=1)),
+        }

@@ -1,0 +1,117 @@
+"""Loaders: reference data from files -> ``Structure`` records in eV and Å, each tagged with
+its fidelity. Units are converted here and nowhere else; every loader names its input unit.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .units import energy_to_ev
+
+
+@dataclass
+class Structure:
+    """One labelled configuration. Energies in eV, forces in eV/Å; forces may be absent."""
+
+    numbers: np.ndarray  # (N,) int
+    positions: np.ndarray  # (N, 3) Å
+    fidelity: str
+    energy: float  # eV
+    forces: Optional[np.ndarray] = None  # (N, 3) eV/Å
+    cell: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))
+    pbc: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=bool))
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+
+def read_extxyz(
+    path: Union[str, Path],
+    fidelity: str,
+    energy_unit: str = "eV",
+    energy_key: str = "energy",
+    forces_key: Optional[str] = "forces",
+    index: str = ":",
+) -> List[Structure]:
+    """Extended XYZ. Energies and forces in ``energy_unit`` (and ``energy_unit``/Å), converted
+    to eV. ``forces_key=None`` (or frames without forces) gives energy-only records."""
+    from ase.io import read
+
+    factor = energy_to_ev(energy_unit)
+    frames = read(str(path), index=index, format="extxyz")
+    out = []
+    for k, atoms in enumerate(frames):
+        calc_results = atoms.calc.results if atoms.calc is not None else {}
+        if energy_key in atoms.info:
+            energy = atoms.info[energy_key]
+        elif energy_key in calc_results:
+            energy = calc_results[energy_key]
+        else:
+            raise KeyError(
+                f"{path}: frame {k} has no energy under key {energy_key!r}; "
+                f"info keys: {sorted(atoms.info)}, calculator keys: {sorted(calc_results)}"
+            )
+        forces = None
+        if forces_key is not None:
+            if forces_key in atoms.arrays:
+                forces = atoms.arrays[forces_key]
+            elif forces_key in calc_results:
+                forces = calc_results[forces_key]
+        out.append(
+            Structure(
+                numbers=atoms.numbers.astype(np.int64),
+                positions=atoms.positions.astype(np.float64),
+                fidelity=fidelity,
+                energy=float(energy) * factor,
+                forces=None if forces is None else np.asarray(forces, np.float64) * factor,
+                cell=atoms.cell.array.astype(np.float64),
+                pbc=atoms.pbc.copy(),
+            )
+        )
+    return out
+
+
+def read_gdml_npz(
+    path: Union[str, Path], fidelity: str, energy_unit: str = "kcal/mol"
+) -> List[Structure]:
+    """sGDML / mbGDML ``.npz``: ``R`` (Å), ``z``, ``E`` and ``F`` in ``energy_unit``
+    (kcal/mol for the published sets), converted to eV."""
+    data = np.load(path, allow_pickle=True)  # mbGDML stores some metadata as objects
+    factor = energy_to_ev(energy_unit)
+    positions = np.asarray(data["R"], np.float64)
+    numbers = np.asarray(data["z"], np.int64)
+    energies = np.asarray(data["E"], np.float64).reshape(-1) * factor
+    forces = np.asarray(data["F"], np.float64) * factor if "F" in data.files else None
+    return [
+        Structure(
+            numbers=numbers.copy(),
+            positions=positions[k],
+            fidelity=fidelity,
+            energy=float(energies[k]),
+            forces=None if forces is None else forces[k],
+        )
+        for k in range(len(positions))
+    ]
+
+
+def split_indices(
+    n: int, sizes: Sequence[int], seed: int = 0
+) -> List[np.ndarray]:
+    """Disjoint random index sets of the given sizes (the rest is dropped), reproducible."""
+    if sum(sizes) > n:
+        raise ValueError(f"split sizes {list(sizes)} add up to more than the {n} records")
+    order = np.random.default_rng(seed).permutation(n)
+    out, start = [], 0
+    for size in sizes:
+        out.append(np.sort(order[start : start + size]))
+        start += size
+    return out
+
+
+def count_by_fidelity(structures: Sequence[Structure]) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for s in structures:
+        counts[s.fidelity] = counts.get(s.fidelity, 0) + 1
+    return counts

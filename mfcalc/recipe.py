@@ -1,0 +1,123 @@
+"""`mfcalc train CONFIG`: a YAML/TOML recipe -> datasets and splits -> training -> test errors ->
+checkpoint, exported model and a model card, all in the output directory.
+
+A recipe (paths relative to the recipe file)::
+
+    output: ../models/ethanol-mf
+    model: {features: 64, layers: 3, cutoff: 5.0, fidelity_mode: film}
+    aliases: {"CCSD(T)": "CCSD(T)/cc-pVTZ"}
+    default_fidelity: CCSD(T)/cc-pVTZ
+    datasets:
+      - {path: ../data/ethanol/ethanol_ccsd_t-300.npz, format: gdml, energy_unit: kcal/mol,
+         fidelity: CCSD(T)/cc-pVTZ, train: 180, val: 20, test: 100, seed: 0,
+         source: "sGDML, Chmiela et al. 2018"}
+    training: {epochs: 100, steps_per_epoch: 100, batch_size: 16, lr: 1.0e-3}
+"""
+
+import json
+import platform
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import __version__
+from .data import Structure, read_extxyz, read_gdml_npz, split_indices
+from .model import default_config
+from .modelfile import build_forcefield, export_model, save_checkpoint
+from .training import TrainSettings, evaluate, to_graphs, train
+
+READERS = {"extxyz": read_extxyz, "gdml": read_gdml_npz}
+
+
+def read_recipe(path: Path) -> Dict[str, Any]:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def load_datasets(recipe: Dict[str, Any], root: Path) -> Dict[str, List[Structure]]:
+    """Train / val / test structures from every dataset entry, split reproducibly."""
+    splits: Dict[str, List[Structure]] = {"train": [], "val": [], "test": []}
+    for entry in recipe["datasets"]:
+        entry = dict(entry)
+        fmt = entry.get("format", "extxyz")
+        if fmt not in READERS:
+            raise ValueError(f"dataset format {fmt!r} unknown; known: {sorted(READERS)}")
+        kwargs = {"fidelity": entry["fidelity"], "energy_unit": entry.get("energy_unit", "eV")}
+        records = READERS[fmt](root / entry["path"], **kwargs)
+        sizes = [int(entry.get(k, 0)) for k in ("train", "val", "test")]
+        if entry.get("train") == "rest":
+            sizes[0] = len(records) - sizes[1] - sizes[2]
+        parts = split_indices(len(records), sizes, seed=int(entry.get("seed", 0)))
+        for name, idx in zip(("train", "val", "test"), parts):
+            splits[name].extend(records[i] for i in idx)
+    return splits
+
+
+def run_recipe(path: str, output: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
+    """Train the model a recipe describes; write checkpoint.pt, model.pt and card.json."""
+    recipe_path = Path(path).resolve()
+    recipe = read_recipe(recipe_path)
+    for key, value in (overrides or {}).items():
+        recipe.setdefault("training", {})[key] = value
+    root = recipe_path.parent
+    out_dir = Path(output) if output else root / recipe["output"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    splits = load_datasets(recipe, root)
+    fidelities = list(dict.fromkeys(e["fidelity"] for e in recipe["datasets"]))
+    elements = sorted({int(z) for s in splits["train"] for z in s.numbers})
+    config = default_config(elements, fidelities, **recipe.get("model", {}))
+    known = {f.name for f in fields(TrainSettings)}
+    unknown = set(recipe.get("training", {})) - known
+    if unknown:
+        raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+    settings = TrainSettings(**recipe.get("training", {}))
+    torch.manual_seed(settings.seed)
+    forcefield = build_forcefield(config)
+    log(f"model: {config}")
+    summary = train(forcefield, splits["train"], splits["val"], settings, log=log)
+
+    forcefield = forcefield.double()
+    test_errors = evaluate(forcefield, to_graphs(splits["test"], fidelities, config["cutoff"]), fidelities)
+    log("test errors: " + json.dumps(test_errors, indent=1))
+    provenance = [
+        {k: v for k, v in e.items() if k not in ("seed",)} | {"split_seed": e.get("seed", 0)}
+        for e in recipe["datasets"]
+    ]
+    card = {
+        "recipe": str(recipe_path.name),
+        "mfcalc_version": __version__,
+        "torch_version": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "training_settings": asdict(settings),
+        "training_minutes": round(summary["minutes"], 2),
+        "best_epoch": summary["best_epoch"],
+        "epochs_run": summary["epochs_run"],
+        "test_errors": test_errors,
+        "training_data": provenance,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    save_checkpoint(out_dir / "checkpoint.pt", forcefield, card=json.dumps(card))
+    export_model(
+        forcefield,
+        out_dir / "model.pt",
+        metadata={
+            "aliases": recipe.get("aliases", {}),
+            "default_fidelity": recipe.get("default_fidelity", fidelities[-1]),
+            "training_data": provenance,
+            "test_errors": test_errors,
+        },
+        dtype=torch.float64,
+    )
+    (out_dir / "card.json").write_text(json.dumps(card | {"history": summary["history"]}, indent=1))
+    log(f"wrote {out_dir / 'model.pt'}")
+    return card

@@ -1,0 +1,70 @@
+"""Shared fixtures: a small random-weight model exported to a temporary file.
+
+Physics tests (forces = -grad E, stress, invariances, TorchScript == eager) hold for any weights,
+so they use this small model and run in seconds; tests of the shipped model load models/.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mfcalc.model import default_config
+from mfcalc.modelfile import build_forcefield, export_model
+
+FIDELITIES = ["low", "mid", "high"]
+ALIASES = {"HI": "high", "LO": "low"}
+
+
+def make_forcefield(seed: int = 0, mode: str = "film", dtype=torch.float64):
+    torch.manual_seed(seed)
+    config = default_config(
+        [1, 6, 8, 14], FIDELITIES, features=16, layers=2, radial_basis=8, fidelity_dim=4,
+        cutoff=4.0, fidelity_mode=mode,
+    )
+    forcefield = build_forcefield(config)
+    with torch.no_grad():
+        # FiLM starts at zero; give it weights so that fidelities really differ in the tests
+        forcefield.model.film.weight.normal_(0, 0.3)
+        forcefield.model.e0.copy_(torch.tensor([[-13.6, -1030.0, -2040.0, -7900.0]]) + torch.arange(3.0).view(3, 1))
+        forcefield.model.scale.fill_(0.7)
+    return forcefield.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def forcefield_factory():
+    """make_forcefield(seed, mode, dtype): an eager random-weight ForceField."""
+    return make_forcefield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Path of an exported random-weight model (float64) with fidelities low/mid/high."""
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    export_model(
+        make_forcefield(), path,
+        metadata={"aliases": ALIASES, "default_fidelity": "high",
+                  "training_data": [{"fidelity": "x", "source": "random weights"}]},
+        dtype=torch.float64,
+    )
+    return path
+
+
+@pytest.fixture
+def ethanol():
+    from ase.build import molecule
+
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
+@pytest.fixture
+def silicon_small_cell():
+    """A triclinic periodic cell much smaller than twice the cutoff, atoms outside the cell."""
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.cell = atoms.cell.array + np.array([[0.0, 0.1, 0.2], [0.3, 0.0, -0.1], [0.1, 0.2, 0.0]])
+    atoms.rattle(0.1, seed=2)
+    atoms.positions += [4.0, -7.0, 11.0]
+    return atoms

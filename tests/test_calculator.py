@@ -1,0 +1,157 @@
+"""MFCalculator behaviour: fidelity selection and switching, properties, state checks,
+every-fidelity prediction, and clear errors on bad input."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+from ase.calculators.calculator import PropertyNotImplementedError, compare_atoms
+
+from mfcalc import MFCalculator
+from mfcalc.calculator import exact_changes
+
+
+@pytest.fixture
+def calc(tiny_model):
+    return MFCalculator(tiny_model, fidelity="high", dtype="float64", device="cpu")
+
+
+def test_properties_and_units(calc, ethanol):
+    ethanol.calc = calc
+    energy = ethanol.get_potential_energy()
+    assert energy == pytest.approx(ethanol.get_potential_energy(force_consistent=True))
+    assert ethanol.get_potential_energies().sum() == pytest.approx(energy, abs=1e-9)
+    assert ethanol.get_forces().shape == (9, 3)
+    np.testing.assert_allclose(ethanol.get_forces().sum(axis=0), 0.0, atol=1e-10)
+
+
+def test_alias_and_default_fidelity(tiny_model):
+    assert MFCalculator(tiny_model, device="cpu").fidelity == "high"
+    assert MFCalculator(tiny_model, fidelity="LO", device="cpu").fidelity == "low"
+
+
+def test_switching_fidelity_invalidates_results(calc, ethanol):
+    ethanol.calc = calc
+    e_high = ethanol.get_potential_energy()
+    calc.fidelity = "low"
+    assert calc.results == {}
+    e_low = ethanol.get_potential_energy()
+    reference = MFCalculator(calc.metadata["path"], fidelity="low", dtype="float64", device="cpu")
+    atoms = ethanol.copy()
+    atoms.calc = reference
+    assert e_low == pytest.approx(atoms.get_potential_energy(), abs=1e-12)
+    assert e_low != pytest.approx(e_high, abs=1e-3)
+
+
+def test_unknown_fidelity_lists_the_choices(tiny_model, calc):
+    with pytest.raises(ValueError, match=r"unknown fidelity 'hihg'.*Did you mean 'high'.*\['low', 'mid', 'high'\].*'HI' -> 'high'"):
+        MFCalculator(tiny_model, fidelity="hihg", device="cpu")
+    with pytest.raises(ValueError, match="unknown fidelity 'CCSD'"):
+        calc.fidelity = "CCSD"
+    assert calc.fidelity == "high"  # a failed switch leaves the calculator as it was
+
+
+def test_state_check_is_exact_and_keeps_ase_semantics(ethanol):
+    other = ethanol.copy()
+    assert exact_changes(ethanol, other) == []
+    other.positions[3, 1] += 1e-14  # below ASE's default tolerance, still a change
+    assert exact_changes(ethanol, other) == ["positions"]
+    other = ethanol.copy()
+    other.numbers[0] = 7
+    other.cell = [5, 5, 5]
+    other.pbc = True
+    other.set_initial_charges([0.1] * len(other))
+    assert sorted(exact_changes(ethanol, other)) == sorted(compare_atoms(ethanol, other))
+
+
+def test_calculator_recomputes_only_when_needed(calc, ethanol):
+    ethanol.calc = calc
+    calls = []
+    original = calc.calculate
+    calc.calculate = lambda *a, **k: (calls.append(1), original(*a, **k))
+    ethanol.get_potential_energy()
+    ethanol.get_forces()
+    ethanol.get_potential_energy()
+    assert len(calls) == 1
+    ethanol.positions[0, 0] += 0.01
+    ethanol.get_forces()
+    assert len(calls) == 2
+
+
+def test_predict_all_fidelities_matches_one_by_one(calc, ethanol):
+    pred = calc.predict_all_fidelities(ethanol)
+    assert pred["fidelities"] == ["low", "mid", "high"]
+    for k, fid in enumerate(pred["fidelities"]):
+        single = MFCalculator(calc.metadata["path"], fidelity=fid, dtype="float64", device="cpu")
+        atoms = ethanol.copy()
+        atoms.calc = single
+        assert pred["energy"][k] == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+        np.testing.assert_allclose(pred["forces"][k], atoms.get_forces(), atol=1e-9)
+    assert pred["forces_spread"].shape == (len(ethanol),)
+    assert pred["energy_spread"] > 0 and np.all(pred["forces_spread"] > 0)
+
+
+def test_periodic_stress_and_molecule_without_stress(calc, silicon_small_cell, ethanol):
+    silicon_small_cell.calc = calc
+    assert silicon_small_cell.get_stress().shape == (6,)
+    ethanol.calc = calc
+    with pytest.raises(PropertyNotImplementedError, match="periodic cells only"):
+        ethanol.get_stress()
+
+
+@pytest.mark.parametrize("backend", ["dense", "vesin", "auto"])
+def test_backends_give_the_same_answer(tiny_model, silicon_small_cell, backend):
+    ref = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu", neighbor_list="dense")
+    calc = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu", neighbor_list=backend)
+    a, b = silicon_small_cell.copy(), silicon_small_cell.copy()
+    a.calc, b.calc = ref, calc
+    assert b.get_potential_energy() == pytest.approx(a.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(b.get_forces(), a.get_forces(), atol=1e-10)
+    np.testing.assert_allclose(b.get_stress(), a.get_stress(), atol=1e-10)
+
+
+# ---------------------------------------------------------------------- bad input
+def test_unknown_element_names_it_and_the_known_ones(calc):
+    atoms = molecule("CH3Cl")
+    atoms.calc = calc
+    with pytest.raises(ValueError, match=r"\['Cl'\] are not in this model; it knows \['H', 'C', 'O', 'Si'\]"):
+        atoms.get_potential_energy()
+
+
+def test_empty_structure(calc):
+    atoms = Atoms()
+    atoms.calc = calc
+    with pytest.raises(ValueError, match="no atoms"):
+        atoms.get_potential_energy()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_positions(calc, ethanol, value):
+    ethanol.positions[4, 2] = value
+    ethanol.calc = calc
+    with pytest.raises(ValueError, match=r"atom\(s\) \[4\] are NaN or infinite"):
+        ethanol.get_forces()
+
+
+def test_zero_volume_periodic_cell(calc, ethanol):
+    ethanol.cell = [[5, 0, 0], [10, 0, 0], [0, 0, 5]]
+    ethanol.pbc = True
+    ethanol.calc = calc
+    with pytest.raises(ValueError, match="zero or linearly dependent"):
+        ethanol.get_potential_energy()
+
+
+def test_bad_dtype_device_backend(tiny_model):
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64'"):
+        MFCalculator(tiny_model, dtype="float16")
+    with pytest.raises(ValueError, match="device must be"):
+        MFCalculator(tiny_model, device="tpu")
+    with pytest.raises(ValueError, match="neighbor_list must be one of"):
+        MFCalculator(tiny_model, neighbor_list="kdtree")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_request_without_cuda(tiny_model):
+    with pytest.raises(RuntimeError, match="sees no CUDA GPU; use device='cpu'"):
+        MFCalculator(tiny_model, device="cuda")

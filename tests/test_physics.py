@@ -1,0 +1,144 @@
+"""Physics of the force path: forces = -dE/dR, stress = (1/V) dE/d(strain), invariances,
+TorchScript == eager, and float32 close to float64."""
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from scipy.spatial.transform import Rotation
+
+from mfcalc import MFCalculator
+from mfcalc.modelfile import load_model
+
+
+
+def energy_forces(calc, atoms):
+    atoms = atoms.copy()
+    atoms.calc = calc
+    return atoms.get_potential_energy(), atoms.get_forces()
+
+
+@pytest.mark.parametrize("fidelity", ["low", "high"])
+@pytest.mark.parametrize("structure", ["ethanol", "silicon_small_cell"])
+def test_forces_are_minus_gradient_of_energy(tiny_model, request, structure, fidelity):
+    atoms = request.getfixturevalue(structure)
+    calc = MFCalculator(tiny_model, fidelity=fidelity, dtype="float64", device="cpu")
+    atoms.calc = calc
+    forces = atoms.get_forces()
+    h = 1e-5
+    numeric = np.zeros_like(forces)
+    for a in range(len(atoms)):
+        for k in range(3):
+            displaced = atoms.copy()
+            displaced.calc = calc
+            displaced.positions[a, k] += h
+            e_plus = displaced.get_potential_energy()
+            displaced.positions[a, k] -= 2 * h
+            e_minus = displaced.get_potential_energy()
+            numeric[a, k] = -(e_plus - e_minus) / (2 * h)
+    assert np.abs(forces).max() > 1e-3  # the test means something
+    np.testing.assert_allclose(forces, numeric, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pbc", [[True, True, True], [True, True, False]])
+def test_stress_is_finite_strain_derivative(tiny_model, silicon_small_cell, pbc):
+    atoms = silicon_small_cell
+    atoms.pbc = pbc
+    calc = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu")
+    atoms.calc = calc
+    stress = atoms.get_stress(voigt=False)
+    volume = atoms.get_volume()
+    h = 1e-6
+    numeric = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            energies = []
+            for sign in (1, -1):
+                strain = np.eye(3)
+                strain[a, b] += sign * h
+                strained = atoms.copy()
+                strained.set_cell(atoms.cell.array @ strain, scale_atoms=False)
+                strained.positions = atoms.positions @ strain
+                strained.calc = calc
+                energies.append(strained.get_potential_energy())
+            numeric[a, b] = (energies[0] - energies[1]) / (2 * h) / volume
+    assert np.abs(stress).max() > 1e-4
+    np.testing.assert_allclose(stress, (numeric + numeric.T) / 2, atol=1e-8)
+    np.testing.assert_allclose(stress, stress.T, atol=1e-12)
+
+
+def test_rotation_translation_permutation(tiny_model, ethanol):
+    calc = MFCalculator(tiny_model, fidelity="high", dtype="float64", device="cpu")
+    e0, f0 = energy_forces(calc, ethanol)
+    rot = Rotation.from_euler("xyz", [0.3, -1.1, 2.0]).as_matrix()
+    moved = ethanol.copy()
+    moved.positions = ethanol.positions @ rot.T + [3.0, -40.0, 1000.0]
+    e1, f1 = energy_forces(calc, moved)
+    assert e1 == pytest.approx(e0, abs=1e-9)
+    np.testing.assert_allclose(f1, f0 @ rot.T, atol=1e-9)
+    order = np.random.default_rng(0).permutation(len(ethanol))
+    e2, f2 = energy_forces(calc, ethanol[order])
+    assert e2 == pytest.approx(e0, abs=1e-9)
+    np.testing.assert_allclose(f2, f0[order], atol=1e-9)
+
+
+def test_periodic_energy_is_invariant_to_the_choice_of_images(tiny_model, silicon_small_cell):
+    calc = MFCalculator(tiny_model, fidelity="low", dtype="float64", device="cpu")
+    e0, f0 = energy_forces(calc, silicon_small_cell)
+    wrapped = silicon_small_cell.copy()
+    wrapped.wrap()
+    e1, f1 = energy_forces(calc, wrapped)
+    assert e1 == pytest.approx(e0, abs=1e-9)
+    np.testing.assert_allclose(f1, f0, atol=1e-9)
+    # a supercell has exactly twice the energy
+    e2, f2 = energy_forces(calc, silicon_small_cell.repeat((2, 1, 1)))
+    assert e2 == pytest.approx(2 * e0, rel=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["film", "readout"])
+def test_torchscript_equals_eager(tmp_path, mode, ethanol, silicon_small_cell, forcefield_factory):
+    from mfcalc.modelfile import export_model
+
+    eager = forcefield_factory(seed=3, mode=mode).eval()
+    export_model(eager, tmp_path / "m.pt", dtype=torch.float64)
+    scripted, _ = load_model(tmp_path / "m.pt")
+    for atoms in (ethanol, silicon_small_cell):
+        args = (
+            torch.tensor(atoms.positions), torch.tensor(atoms.numbers),
+            torch.tensor(atoms.cell.array), torch.tensor(atoms.pbc),
+        )
+        stress = bool(atoms.pbc.any())
+        for fidelity in range(3):
+            a = eager.compute(*args, fidelity, stress)
+            b = scripted.compute(*args, fidelity, stress)
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], atol=1e-10, rtol=0)
+
+
+def test_fidelities_differ_and_float32_is_close(tiny_model, ethanol):
+    results = {}
+    for dtype in ("float32", "float64"):
+        for fid in ("low", "high"):
+            results[dtype, fid] = energy_forces(
+                MFCalculator(tiny_model, fidelity=fid, dtype=dtype, device="cpu"), ethanol
+            )
+    assert not np.allclose(results["float64", "low"][1], results["float64", "high"][1])
+    for fid in ("low", "high"):
+        e32, f32 = results["float32", fid]
+        e64, f64 = results["float64", fid]
+        assert e32 == pytest.approx(e64, abs=1e-3)
+        np.testing.assert_allclose(f32, f64, atol=1e-4)
+
+
+def test_isolated_atoms_get_reference_energy(tiny_model):
+    from ase import Atoms
+
+    calc = MFCalculator(tiny_model, fidelity="low", dtype="float64", device="cpu")
+    atoms = Atoms("O", positions=[[0, 0, 0]])
+    atoms.calc = calc
+    # a lone atom has no neighbors: its energy is the network's free-atom term, forces are zero
+    assert np.isfinite(atoms.get_potential_energy())
+    np.testing.assert_array_equal(atoms.get_forces(), np.zeros((1, 3)))
+    far = Atoms("OO", positions=[[0, 0, 0], [0, 0, 50]])
+    far.calc = calc
+    assert far.get_potential_energy() == pytest.approx(2 * atoms.get_potential_energy(), abs=1e-10)
