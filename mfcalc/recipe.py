@@ -119,5 +119,50 @@ def run_recipe(path: str, output: Optional[str] = None, overrides: Optional[Dict
         dtype=torch.float64,
     )
     (out_dir / "card.json").write_text(json.dumps(card | {"history": summary["history"]}, indent=1))
+    (out_dir / "README.md").write_text(card_markdown(out_dir.name, recipe, card))
     log(f"wrote {out_dir / 'model.pt'}")
     return card
+
+
+def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> str:
+    """A model card: data and splits, how it was trained, per-fidelity test errors."""
+    lines = [
+        f"# {name}",
+        "",
+        f"Trained with mfcalc {card['mfcalc_version']} (torch {card['torch_version']}) on "
+        f"{card['machine']} in {card['training_minutes']:.1f} min "
+        f"({card['epochs_run']} epochs, best validation at epoch {card['best_epoch']}), {card['date']}.",
+        "",
+        f"Reproduce: `mfcalc train recipes/{card['recipe']}`",
+        "",
+        "## Data (fidelity = level of theory); splits are random with the seed shown",
+        "",
+        "| fidelity | file | energy unit in file | train | val | test | seed | source |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in recipe["datasets"]:
+        lines.append(
+            f"| {e['fidelity']} | `{Path(e['path']).name}` | {e.get('energy_unit', 'eV')} | "
+            f"{e.get('train', 0)} | {e.get('val', 0)} | {e.get('test', 0)} | {e.get('seed', 0)} | "
+            f"{e.get('source', '')} |"
+        )
+    aliases = recipe.get("aliases", {})
+    lines += [
+        "",
+        "Aliases: " + (", ".join(f"`{a}` -> `{t}`" for a, t in aliases.items()) or "none")
+        + f". Default fidelity: `{recipe.get('default_fidelity', '')}`.",
+        "",
+        "## Test errors (held-out configurations, float64)",
+        "",
+        "| fidelity | n | energy MAE (meV) | energy RMSE (meV) | forces MAE (meV/Å) | forces RMSE (meV/Å) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fid, e in card["test_errors"].items():
+        f_mae = f"{1000 * e['forces_mae']:.1f}" if "forces_mae" in e else "-"
+        f_rmse = f"{1000 * e['forces_rmse']:.1f}" if "forces_rmse" in e else "-"
+        lines.append(
+            f"| {fid} | {e['n']} | {1000 * e['energy_mae']:.2f} | {1000 * e['energy_rmse']:.2f} | "
+            f"{f_mae} | {f_rmse} |"
+        )
+    lines += ["", "## Model", "", "```", json.dumps(recipe.get("model", {})), "```", ""]
+    return "\n".join(lines)

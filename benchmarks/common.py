@@ -1,0 +1,50 @@
+"""Structures and timing helpers shared by the benchmarks."""
+
+import time
+
+import numpy as np
+from ase import Atoms
+from ase.build import molecule
+
+
+def water_box(n_molecules: int = 192, density: float = 1.0, seed: int = 0) -> Atoms:
+    """Periodic cubic box of randomly oriented water molecules on a jittered grid (~1 g/cm^3)."""
+    rng = np.random.default_rng(seed)
+    volume = n_molecules * 18.015 / (density * 0.6022)  # Å^3
+    length = volume ** (1 / 3)
+    per_side = int(np.ceil(n_molecules ** (1 / 3)))
+    spacing = length / per_side
+    water = molecule("H2O")
+    water.positions -= water.get_center_of_mass()
+    positions, symbols = [], []
+    sites = [(i, j, k) for i in range(per_side) for j in range(per_side) for k in range(per_side)]
+    for site in [sites[s] for s in rng.permutation(len(sites))[:n_molecules]]:
+        q = rng.normal(size=4)
+        q /= np.linalg.norm(q)
+        a, b, c, d = q
+        rot = np.array([
+            [a*a + b*b - c*c - d*d, 2*(b*c - a*d), 2*(b*d + a*c)],
+            [2*(b*c + a*d), a*a - b*b + c*c - d*d, 2*(c*d - a*b)],
+            [2*(b*d - a*c), 2*(c*d + a*b), a*a - b*b - c*c + d*d],
+        ])
+        centre = (np.array(site) + 0.5 + rng.uniform(-0.1, 0.1, 3)) * spacing
+        positions.extend(water.positions @ rot.T + centre)
+        symbols.extend(water.get_chemical_symbols())
+    return Atoms(symbols, positions=positions, cell=[length] * 3, pbc=True)
+
+
+def ethanol() -> Atoms:
+    return molecule("CH3CH2OH")
+
+
+def median_time(fn, repeats: int = 7, number: int = 20, warmup: int = 5) -> float:
+    """Median over ``repeats`` of the mean time of ``number`` calls, in seconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - start) / number)
+    return float(np.median(samples))

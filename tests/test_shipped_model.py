@@ -1,0 +1,86 @@
+"""The shipped ethanol-mf model: the quick start, the MD example, NVE energy conservation,
+and the command line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import units
+from ase.build import molecule
+from ase.io import read
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.verlet import VelocityVerlet
+
+from mfcalc import MFCalculator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_start():
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)")
+    assert atoms.calc.fidelity == "CCSD(T)/cc-pVTZ"
+    energy = atoms.get_potential_energy()
+    forces = atoms.get_forces()
+    assert -4300 < energy < -4100  # total CCSD(T)/cc-pVTZ energy of ethanol, eV
+    assert np.isfinite(forces).all() and np.abs(forces).max() < 5.0
+    errors = atoms.calc.metadata["test_errors"]["CCSD(T)/cc-pVTZ"]
+    assert errors["n"] == 100 and errors["forces_mae"] < 0.1
+
+
+def test_fidelities_agree_on_shape_not_offset():
+    atoms = molecule("CH3CH2OH")
+    pred = MFCalculator("ethanol-mf").predict_all_fidelities(atoms)
+    assert len(pred["fidelities"]) == 3
+    # levels of theory differ by whole hartrees in total energy, not in forces
+    assert np.ptp(pred["energy"]) > 10
+    assert pred["forces_spread"].max() < 0.5
+
+
+def test_md_example_runs_the_quick_start(tmp_path):
+    out = tmp_path / "md.traj"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "md" / "ethanol_langevin.py"), "--steps", "1000", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "ms per step" in run.stdout
+    frames = read(str(out), index=":")
+    assert len(frames) == 101
+    d = frames[-1].get_all_distances()
+    assert d[0, 1] == pytest.approx(1.52, abs=0.25)  # C-C bond intact
+
+
+def test_nve_conserves_energy():
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)", dtype="float64")
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(1))
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    dyn = VelocityVerlet(atoms, 0.25 * units.fs)
+    energies = []
+    dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=10)
+    dyn.run(2000)  # 0.5 ps
+    energies = np.array(energies)
+    drift = abs(np.polyfit(np.arange(len(energies)) * 10 * 0.25e-3, energies, 1)[0]) / len(atoms)
+    assert np.ptp(energies) / len(atoms) < 2e-3  # eV/atom fluctuation
+    assert drift < 1e-3  # eV/atom/ps
+
+
+def test_cli_info_and_md(tmp_path):
+    info = subprocess.run([sys.executable, "-m", "mfcalc.cli", "info", "ethanol-mf"], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert "CCSD(T)/cc-pVTZ (alias CCSD(T))" in info.stdout and "cutoff" in info.stdout
+    md = subprocess.run(
+        [sys.executable, "-m", "mfcalc.cli", "md", "CH3CH2OH", "--fidelity", "CCSD(T)", "--steps", "50",
+         "--out", str(tmp_path / "md.xyz")], capture_output=True, text=True,
+    )
+    assert md.returncode == 0, md.stderr
+    assert len(read(str(tmp_path / "md.xyz"), index=":")) == 5
+    bad = subprocess.run(
+        [sys.executable, "-m", "mfcalc.cli", "md", "CH3CH2OH", "--fidelity", "CCSDT", "--steps", "5"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 1 and "unknown fidelity 'CCSDT'" in bad.stderr

@@ -1,0 +1,75 @@
+"""Loaders convert units at the door; a recipe trains, evaluates and exports end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from mfcalc import MFCalculator, read_metadata
+from mfcalc.data import read_extxyz, read_gdml_npz, split_indices
+from mfcalc.recipe import run_recipe
+from mfcalc.training import fit_reference, sampling_weights, to_graphs
+from mfcalc.units import KCAL_PER_MOL_TO_EV
+
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "ethanol"
+
+
+def test_kcal_per_mol_loaders_convert_to_ev():
+    xyz = read_extxyz(DATA / "ethanol_md17_pbe_ts-2000.xyz", "PBE+TS", energy_unit="kcal/mol", index=":3")
+    assert xyz[0].energy == pytest.approx(-97195.01189948035 * KCAL_PER_MOL_TO_EV)
+    assert xyz[0].forces[0, 0] == pytest.approx(26.23068692 * KCAL_PER_MOL_TO_EV)
+    npz = read_gdml_npz(DATA / "ethanol_ccsd_t-300.npz", "CCSD(T)")
+    assert len(npz) == 300 and npz[0].energy == pytest.approx(-97089.07088252 * KCAL_PER_MOL_TO_EV)
+    ev = read_extxyz(DATA / "ethanol_rmd17_pbe_def2svp-train1000.xyz", "PBE", index=":1")
+    assert ev[0].energy == pytest.approx(-4209.4657843064815)
+    with pytest.raises(ValueError, match="unknown energy unit 'kcal'"):
+        read_gdml_npz(DATA / "ethanol_ccsd_t-300.npz", "x", energy_unit="kcal")
+
+
+def test_splits_are_disjoint_and_reproducible():
+    a = split_indices(300, [180, 20, 100], seed=0)
+    b = split_indices(300, [180, 20, 100], seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert len(set(np.concatenate(a))) == 300
+    with pytest.raises(ValueError, match="add up to more"):
+        split_indices(10, [8, 5])
+
+
+def test_reference_energies_and_sampling():
+    records = read_gdml_npz(DATA / "ethanol_ccsd_t-300.npz", "hi")[:20]
+    records += read_extxyz(DATA / "ethanol_rmd17_pbe_def2svp-train1000.xyz", "lo", index=":80")
+    graphs = to_graphs(records, ["lo", "hi"], 5.0)
+    ref = fit_reference(graphs, 2, [1, 6, 8])
+    counts = np.array([6, 2, 1])  # H, C, O in ethanol
+    for f, fid in enumerate(["lo", "hi"]):
+        mean = np.mean([r.energy for r in records if r.fidelity == fid])
+        assert float(ref["e0"][f].numpy() @ counts) == pytest.approx(mean, abs=1e-6)
+    p = sampling_weights(graphs, 2, temperature=0.0)
+    assert p.sum() == pytest.approx(1.0)
+    assert p[:20].sum() == pytest.approx(0.5)  # 20 hi points drawn as often as 80 lo points
+
+
+def test_recipe_trains_and_exports(tmp_path):
+    recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "ethanol-mf.yaml").read_text())
+    for entry in recipe["datasets"]:
+        entry["path"] = str(Path(__file__).resolve().parent.parent / "recipes" / entry["path"])
+        entry.update(train=30, val=5, test=10)
+    recipe["model"].update(features=16, layers=1)
+    recipe["training"].update(epochs=2, steps_per_epoch=5, batch_size=4)
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    card = run_recipe(str(path), output=str(tmp_path / "out"), log=lambda *a: None)
+    assert set(card["test_errors"]) == {"PBE+TS", "PBE/def2-SVP", "CCSD(T)/cc-pVTZ"}
+    meta = read_metadata(tmp_path / "out" / "model.pt")
+    assert meta["aliases"]["CCSD(T)"] == "CCSD(T)/cc-pVTZ"
+    assert meta["test_errors"]["CCSD(T)/cc-pVTZ"]["n"] == 10
+    assert json.loads((tmp_path / "out" / "card.json").read_text())["epochs_run"] == 2
+    calc = MFCalculator(tmp_path / "out", fidelity="CCSD(T)", device="cpu")
+    from ase.build import molecule
+
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = calc
+    assert np.isfinite(atoms.get_forces()).all()
