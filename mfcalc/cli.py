@@ -16,7 +16,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         overrides["steps_per_epoch"] = args.steps_per_epoch
     if args.max_minutes is not None:
         overrides["max_minutes"] = args.max_minutes
-    run_recipe(args.recipe, output=args.output, overrides=overrides)
+    run_recipe(args.recipe, output=args.output, overrides=overrides, resume=args.resume)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--max-minutes", type=float)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="write a TorchScript model file from a checkpoint")

@@ -96,6 +96,62 @@ def read_gdml_npz(
     ]
 
 
+def read_ase_db(
+    path: Union[str, Path], fidelity: str, energy_unit: str = "eV", selection: Optional[str] = None
+) -> List[Structure]:
+    """An ASE database (``ase.db``); energies/forces from each row's calculator results, in
+    ``energy_unit``, converted to eV. ``selection`` is ASE's query string (e.g. "natoms<20")."""
+    from ase.db import connect
+
+    factor = energy_to_ev(energy_unit)
+    out = []
+    with connect(str(path)) as db:
+        for row in db.select(selection):
+            if row.get("energy") is None:
+                raise KeyError(f"{path}: row {row.id} has no energy")
+            forces = row.get("forces")
+            out.append(
+                Structure(
+                    numbers=np.asarray(row.numbers, np.int64),
+                    positions=np.asarray(row.positions, np.float64),
+                    fidelity=fidelity,
+                    energy=float(row.energy) * factor,
+                    forces=None if forces is None else np.asarray(forces, np.float64) * factor,
+                    cell=np.asarray(row.cell, np.float64),
+                    pbc=np.asarray(row.pbc, bool),
+                )
+            )
+    return out
+
+
+def read_transition1x_json(
+    path: Union[str, Path], fidelity: str, energy_key: str = "ccsd.energy", energy_unit: str = "eV"
+) -> List[Structure]:
+    """CCSD-Transition1x json (a list of records with ``positions``, ``atomic_numbers`` and
+    energies under keys such as ``ccsd.energy`` or ``wB97x.energy``, eV). Energy-only: records
+    whose calculation failed (``success`` false or energy null) are skipped."""
+    import json
+
+    factor = energy_to_ev(energy_unit)
+    records = json.loads(Path(path).read_text())
+    out = []
+    for r in records:
+        energy = r.get(energy_key)
+        if energy is None or r.get("success") is False:
+            continue
+        out.append(
+            Structure(
+                numbers=np.asarray(r["atomic_numbers"], np.int64),
+                positions=np.asarray(r["positions"], np.float64),
+                fidelity=fidelity,
+                energy=float(energy) * factor,
+            )
+        )
+    if not out:
+        raise ValueError(f"{path}: no record has a value under {energy_key!r}")
+    return out
+
+
 def split_indices(
     n: int, sizes: Sequence[int], seed: int = 0
 ) -> List[np.ndarray]:

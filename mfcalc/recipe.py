@@ -14,6 +14,7 @@ A recipe (paths relative to the recipe file)::
     training: {epochs: 100, steps_per_epoch: 100, batch_size: 16, lr: 1.0e-3}
 """
 
+import inspect
 import json
 import platform
 import time
@@ -24,12 +25,20 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from . import __version__
-from .data import Structure, read_extxyz, read_gdml_npz, split_indices
+from .data import (
+    Structure, read_ase_db, read_extxyz, read_gdml_npz, read_transition1x_json, split_indices,
+)
 from .model import default_config
-from .modelfile import build_forcefield, export_model, save_checkpoint
-from .training import TrainSettings, evaluate, to_graphs, train
+from .modelfile import build_forcefield, checksum, export_model, save_checkpoint
+from .training import TrainSettings, distributed_rank_world, evaluate, init_distributed, to_graphs, train
 
-READERS = {"extxyz": read_extxyz, "gdml": read_gdml_npz}
+READERS = {
+    "extxyz": read_extxyz,
+    "gdml": read_gdml_npz,  # sGDML and mbGDML .npz
+    "ase-db": read_ase_db,
+    "transition1x": read_transition1x_json,
+}
+SPLIT_KEYS = {"path", "format", "fidelity", "train", "val", "test", "seed", "source"}
 
 
 def read_recipe(path: Path) -> Dict[str, Any]:
@@ -51,9 +60,16 @@ def load_datasets(recipe: Dict[str, Any], root: Path) -> Dict[str, List[Structur
         fmt = entry.get("format", "extxyz")
         if fmt not in READERS:
             raise ValueError(f"dataset format {fmt!r} unknown; known: {sorted(READERS)}")
-        kwargs = {"fidelity": entry["fidelity"], "energy_unit": entry.get("energy_unit", "eV")}
-        records = READERS[fmt](root / entry["path"], **kwargs)
-        sizes = [int(entry.get(k, 0)) for k in ("train", "val", "test")]
+        reader = READERS[fmt]
+        options = {k: v for k, v in entry.items() if k not in SPLIT_KEYS}
+        accepted = set(inspect.signature(reader).parameters) - {"path", "fidelity"}
+        if set(options) - accepted:
+            raise ValueError(
+                f"dataset {entry['path']}: option(s) {sorted(set(options) - accepted)} are not "
+                f"understood by format {fmt!r}, which takes {sorted(accepted)}"
+            )
+        records = reader(root / entry["path"], fidelity=entry["fidelity"], **options)
+        sizes = [0 if entry.get(k) == "rest" else int(entry.get(k, 0)) for k in ("train", "val", "test")]
         if entry.get("train") == "rest":
             sizes[0] = len(records) - sizes[1] - sizes[2]
         parts = split_indices(len(records), sizes, seed=int(entry.get("seed", 0)))
@@ -62,8 +78,15 @@ def load_datasets(recipe: Dict[str, Any], root: Path) -> Dict[str, List[Structur
     return splits
 
 
-def run_recipe(path: str, output: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
-    """Train the model a recipe describes; write checkpoint.pt, model.pt and card.json."""
+def run_recipe(
+    path: str, output: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+    log=print, resume: bool = False,
+) -> Dict[str, Any]:
+    """Train the model a recipe describes; write checkpoint.pt, model.pt, card.json, README.md,
+    log.csv and train_state.pt (for --resume) to its output directory. Under torchrun every
+    rank trains; rank 0 writes the files, and ranks.json records every rank's weight checksum."""
+    init_distributed()
+    rank, world = distributed_rank_world()
     recipe_path = Path(path).resolve()
     recipe = read_recipe(recipe_path)
     for key, value in (overrides or {}).items():
@@ -83,8 +106,20 @@ def run_recipe(path: str, output: Optional[str] = None, overrides: Optional[Dict
     settings = TrainSettings(**recipe.get("training", {}))
     torch.manual_seed(settings.seed)
     forcefield = build_forcefield(config)
+    if rank != 0:
+        log = lambda *args, **kwargs: None  # noqa: E731 - one voice in the log
     log(f"model: {config}")
-    summary = train(forcefield, splits["train"], splits["val"], settings, log=log)
+    summary = train(
+        forcefield, splits["train"], splits["val"], settings, log=log, workdir=out_dir,
+        resume=resume,
+    )
+    if world > 1:
+        sums: List[Any] = [None] * world
+        torch.distributed.all_gather_object(sums, checksum(forcefield))
+        if rank == 0:
+            (out_dir / "ranks.json").write_text(json.dumps({"world_size": world, "checksums": sums}))
+        if rank != 0:
+            return {}
 
     forcefield = forcefield.double()
     test_errors = evaluate(forcefield, to_graphs(splits["test"], fidelities, config["cutoff"]), fidelities)

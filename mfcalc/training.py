@@ -6,10 +6,14 @@ weights -> best-on-validation checkpoint -> per-fidelity test errors -> exported
 """
 
 import copy
+import csv
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -187,52 +191,118 @@ class TrainSettings:
     grad_clip: float = 10.0
 
 
+def distributed_rank_world() -> Tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) when not running under torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPU). False if alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return True
+
+
+def _average_gradients(parameters: List[torch.Tensor], world: int) -> None:
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(parameters, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def _progress(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + text[:150].ljust(150))
+        sys.stderr.flush()
+
+
 def train(
     forcefield: ForceField,
     train_set: Sequence[Structure],
     val_set: Sequence[Structure],
     settings: TrainSettings,
     log=print,
+    workdir: Optional[Path] = None,
+    resume: bool = False,
+    fit_references: bool = True,
 ) -> Dict[str, Any]:
-    """Train ``forcefield`` in place (ending with the best EMA weights). Returns a summary."""
+    """Train ``forcefield`` in place (ending with the best EMA weights). Returns a summary.
+
+    With ``workdir`` the full training state is saved there after every epoch
+    (``train_state.pt``) and a CSV log is appended (``log.csv``); ``resume=True`` continues from
+    the saved state. Under torchrun every process draws its own batches and gradients are
+    averaged, so all ranks hold identical weights.
+    """
+    rank, world = distributed_rank_world()
     torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
     dtype = getattr(torch, settings.dtype)
     fidelities = list(forcefield.fidelities)
     cutoff = forcefield.cutoff
     train_graphs = to_graphs(train_set, fidelities, cutoff)
     val_graphs = to_graphs(val_set, fidelities, cutoff)
-    reference = fit_reference(train_graphs, len(fidelities), forcefield.elements)
-    forcefield.model.e0.copy_(reference["e0"])
-    forcefield.model.scale.copy_(reference["scale"])
+    if fit_references:
+        reference = fit_reference(train_graphs, len(fidelities), forcefield.elements)
+        forcefield.model.e0.copy_(reference["e0"])
+        forcefield.model.scale.copy_(reference["scale"])
     forcefield.to(dtype)
+    if world > 1:
+        for tensor in forcefield.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
     ema = copy.deepcopy(forcefield).eval()
+    parameters = [p for p in forcefield.parameters() if p.requires_grad]
 
     fid_weight = torch.tensor(
         [(settings.fidelity_weights or {}).get(name, 1.0) for name in fidelities], dtype=dtype
     )
     probabilities = sampling_weights(train_graphs, len(fidelities), settings.sampling_temperature)
-    optimizer = torch.optim.AdamW(
-        forcefield.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-    )
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     total_steps = settings.epochs * settings.steps_per_epoch
-    log(f"training on {count_by_fidelity(train_set)}, validating on {count_by_fidelity(val_set)}")
 
     best = {"score": math.inf, "epoch": -1, "state": copy.deepcopy(ema.state_dict())}
-    history = []
-    start = time.perf_counter()
-    step = 0
-    for epoch in range(settings.epochs):
+    history: List[Dict[str, Any]] = []
+    step, first_epoch, elapsed_before = 0, 0, 0.0
+    state_path = Path(workdir) / "train_state.pt" if workdir else None
+    if resume:
+        if state_path is None or not state_path.exists():
+            raise FileNotFoundError(f"--resume: no training state at {state_path}")
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        forcefield.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        best = state["best"]
+        history = state["history"]
+        step, first_epoch, elapsed_before = state["step"], state["epoch"] + 1, state["minutes"]
+        log(f"resumed from {state_path} after epoch {state['epoch']} ({elapsed_before:.1f} min)")
+    log(f"training on {count_by_fidelity(train_set)}, validating on {count_by_fidelity(val_set)}"
+        + (f", {world} processes" if world > 1 else ""))
+
+    start = time.perf_counter() - 60 * elapsed_before
+    lr_factor = 1.0
+    for epoch in range(first_epoch, settings.epochs):
         forcefield.train()
+        # batches depend on (seed, rank, epoch) only: a resumed run draws what the first would have
+        rng = np.random.default_rng([settings.seed, rank, epoch])
         running = {"energy": 0.0, "forces": 0.0}
-        for _ in range(settings.steps_per_epoch):
+        f_abs = np.zeros(len(fidelities))
+        f_count = np.zeros(len(fidelities))
+        for k in range(settings.steps_per_epoch):
             lr_factor = settings.lr_min_factor + (1 - settings.lr_min_factor) * 0.5 * (
-                1 + math.cos(math.pi * step / total_steps)
+                1 + math.cos(math.pi * min(step / total_steps, 1.0))
             )
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * lr_factor
             picks = rng.choice(len(train_graphs), size=settings.batch_size, p=probabilities)
-            batch = collate([train_graphs[k] for k in picks], dtype)
+            batch = collate([train_graphs[i] for i in picks], dtype)
             out = forcefield(
                 batch["positions"], batch["numbers"], batch["cell"], batch["edge_index"],
                 batch["shifts"], batch["fidelity"], batch["batch"], True, False,
@@ -245,14 +315,26 @@ def train(
             loss = settings.energy_weight * e_loss + settings.forces_weight * f_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(forcefield.parameters(), settings.grad_clip)
+            if world > 1:
+                _average_gradients(parameters, world)
+            torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
             optimizer.step()
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), forcefield.parameters()):
                     p_ema.lerp_(p, 1 - settings.ema_decay)
+                atom_fid = batch["fidelity"][batch["batch"]]
+                err = (out["forces"].detach() - batch["forces"]).abs().mean(dim=1)
+                has = batch["has_forces"]
+                f_abs += torch.bincount(atom_fid[has], err[has].double(), len(fidelities)).numpy()
+                f_count += torch.bincount(atom_fid[has], minlength=len(fidelities)).numpy()
             running["energy"] += float(e_loss.detach())
             running["forces"] += float(f_loss.detach())
             step += 1
+            if k % 10 == 0 and rank == 0:
+                live = " ".join(
+                    f"{name}: {1000 * f_abs[i] / f_count[i]:.0f}" for i, name in enumerate(fidelities) if f_count[i]
+                )
+                _progress(f"epoch {epoch} step {k}/{settings.steps_per_epoch} train F MAE (meV/Å) {live}")
 
         metrics = evaluate(ema, val_graphs, fidelities)
         score = sum(
@@ -260,22 +342,46 @@ def train(
             for m in metrics.values()
         )
         minutes = (time.perf_counter() - start) / 60
-        history.append({"epoch": epoch, "minutes": minutes, "score": score, "val": metrics})
-        summary = "  ".join(
-            f"{name}: E {1000 * m['energy_mae']:.2f} meV"
-            + (f" F {1000 * m['forces_mae']:.1f} meV/Å" if "forces_mae" in m else "")
-            for name, m in metrics.items()
-        )
-        log(f"epoch {epoch:4d} {minutes:6.1f} min lr {settings.lr * lr_factor:.2e} "
-            f"train E {running['energy'] / settings.steps_per_epoch:.2e} "
-            f"F {running['forces'] / settings.steps_per_epoch:.2e} | val {summary}")
+        train_f_mae = {name: float(f_abs[i] / f_count[i]) for i, name in enumerate(fidelities) if f_count[i]}
+        record = {
+            "epoch": epoch, "minutes": minutes, "lr": settings.lr * lr_factor, "score": score,
+            "train_energy_loss": running["energy"] / settings.steps_per_epoch,
+            "train_forces_loss": running["forces"] / settings.steps_per_epoch,
+            "train_forces_mae": train_f_mae, "val": metrics,
+        }
+        history.append(record)
         if score < best["score"]:
             best = {"score": score, "epoch": epoch, "state": copy.deepcopy(ema.state_dict())}
+        stop = ""
         if epoch - best["epoch"] >= settings.patience:
-            log(f"early stop: no validation improvement for {settings.patience} epochs")
-            break
-        if minutes >= settings.max_minutes:
-            log(f"stopping at the time budget of {settings.max_minutes} min")
+            stop = f"early stop: no validation improvement for {settings.patience} epochs"
+        elif minutes >= settings.max_minutes:
+            stop = f"stopping at the time budget of {settings.max_minutes} min"
+        if world > 1:  # rank 0 decides, so that every process stops at the same epoch
+            flag = torch.tensor([int(bool(stop))])
+            torch.distributed.broadcast(flag, 0)
+            stop = (stop or "stopping with rank 0") if int(flag) else ""
+        if rank == 0:
+            if sys.stderr.isatty():
+                sys.stderr.write("\r" + " " * 150 + "\r")
+            summary = "  ".join(
+                f"{name}: E {1000 * m['energy_mae']:.2f} meV"
+                + (f" F {1000 * m['forces_mae']:.1f} meV/Å" if "forces_mae" in m else "")
+                for name, m in metrics.items()
+            )
+            log(f"epoch {epoch:4d} {minutes:6.1f} min lr {settings.lr * lr_factor:.2e} "
+                f"train E {record['train_energy_loss']:.2e} F {record['train_forces_loss']:.2e} | val {summary}")
+            if workdir:
+                _append_csv(Path(workdir) / "log.csv", record, fidelities)
+                tmp = state_path.with_suffix(".tmp")
+                torch.save({
+                    "model": forcefield.state_dict(), "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(), "best": best, "history": history,
+                    "step": step, "epoch": epoch, "minutes": minutes,
+                }, tmp)
+                os.replace(tmp, state_path)
+        if stop:
+            log(stop)
             break
     forcefield.load_state_dict(best["state"])
     forcefield.eval()
@@ -284,4 +390,20 @@ def train(
         "epochs_run": len(history),
         "minutes": (time.perf_counter() - start) / 60,
         "history": history,
+        "world_size": world,
     }
+
+
+def _append_csv(path: Path, record: Dict[str, Any], fidelities: List[str]) -> None:
+    columns = ["epoch", "minutes", "lr", "train_energy_loss", "train_forces_loss"]
+    values = [record[c] for c in columns]
+    for name in fidelities:
+        m = record["val"].get(name, {})
+        columns += [f"val_energy_mae[{name}]", f"val_forces_mae[{name}]", f"train_forces_mae[{name}]"]
+        values += [m.get("energy_mae", ""), m.get("forces_mae", ""), record["train_forces_mae"].get(name, "")]
+    new = not path.exists() or record["epoch"] == 0
+    with open(path, "w" if new else "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(columns)
+        writer.writerow(values)

@@ -73,3 +73,47 @@ def test_recipe_trains_and_exports(tmp_path):
     atoms = molecule("CH3CH2OH")
     atoms.calc = calc
     assert np.isfinite(atoms.get_forces()).all()
+
+
+def _smoke_recipe(tmp_path, epochs=2):
+    root = Path(__file__).resolve().parent.parent
+    recipe = yaml.safe_load((root / "recipes" / "ethanol-mf.yaml").read_text())
+    for entry in recipe["datasets"]:
+        entry["path"] = str(root / "recipes" / entry["path"])
+        entry.update(train=20, val=4, test=4)
+    recipe["model"].update(features=8, layers=1)
+    recipe["training"].update(epochs=epochs, steps_per_epoch=3, batch_size=4)
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    recipe = _smoke_recipe(tmp_path, epochs=4)
+    full = run_recipe(str(recipe), output=str(tmp_path / "full"), log=lambda *a: None)
+    run_recipe(str(recipe), output=str(tmp_path / "part"), overrides={"epochs": 4, "max_minutes": 0.0}, log=lambda *a: None)
+    # the cut-short run stopped after one epoch; resuming finishes the same schedule
+    resumed = run_recipe(str(recipe), output=str(tmp_path / "part"), log=lambda *a: None, resume=True)
+    assert resumed["epochs_run"] == full["epochs_run"] == 4
+    a = read_metadata(tmp_path / "full" / "model.pt")["checksum"]
+    b = read_metadata(tmp_path / "part" / "model.pt")["checksum"]
+    assert a == b
+    log = (tmp_path / "part" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,minutes,lr") and len(log) == 5
+
+
+def test_torchrun_two_processes_hold_identical_weights(tmp_path):
+    import subprocess
+    import sys
+
+    recipe = _smoke_recipe(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         "-m", "mfcalc.cli", "train", str(recipe), "-o", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = json.loads((tmp_path / "ddp" / "ranks.json").read_text())
+    assert ranks["world_size"] == 2
+    assert ranks["checksums"][0] == ranks["checksums"][1]
+    assert (tmp_path / "ddp" / "model.pt").exists()
