@@ -1,6 +1,7 @@
 """MFCalculator: an ASE calculator for an exported mfcalc model at a chosen level of theory."""
 
 import difflib
+import warnings
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
@@ -13,6 +14,7 @@ from .modelfile import load_model
 from .neighbors import BACKENDS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TOO_CLOSE = 0.1  # Å: closer pairs get a warning
 
 
 def _parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
@@ -158,16 +160,25 @@ class MFCalculator(Calculator):
                 "stress is defined for periodic cells only; this structure has pbc=False in "
                 "every direction (set atoms.pbc and a cell to get a stress)"
             )
+        # the model is translation invariant: centring in float64 keeps float32 exact far from
+        # the origin (pair lists and shifts do not change under a common translation)
+        positions = torch.from_numpy(positions - positions[0]).to(self.device, self.dtype)
         out = self.module.compute(
-            torch.from_numpy(positions).to(self.device, self.dtype),
+            positions,
             self._numbers,
             self._cell,
             self._pbc,
             self._fidelity_index,
             periodic and "stress" in properties,
             self._backend,
-            self._edges(atoms),
+            self._edges(positions),
         )
+        if "min_distance" in out and float(out["min_distance"]) < TOO_CLOSE:
+            warnings.warn(
+                f"two atoms are {float(out['min_distance']):.3g} Å apart (< {TOO_CLOSE} Å): the "
+                "model was never trained on such contacts and its energy is meaningless there",
+                RuntimeWarning, stacklevel=2,
+            )
         energy = float(out["energy"])
         self.results = {
             "energy": energy,
@@ -185,16 +196,13 @@ class MFCalculator(Calculator):
             )
 
     # ------------------------------------------------------------------ helpers
-    def _edges(self, atoms: Atoms) -> Optional[List[torch.Tensor]]:
+    def _edges(self, positions: torch.Tensor) -> Optional[List[torch.Tensor]]:
         """None lets the model file search neighbors itself; torch-cluster runs here."""
         if self._backend != "torch-cluster":
             return None
         from .neighbors import torch_cluster_neighbor_list
 
-        edge_index, shifts = torch_cluster_neighbor_list(
-            torch.from_numpy(atoms.positions).to(self.device, self.dtype),
-            self._cell, self._pbc, self.cutoff,
-        )
+        edge_index, shifts = torch_cluster_neighbor_list(positions, self._cell, self._pbc, self.cutoff)
         return [edge_index, shifts]
 
     def _check_structure(self, atoms: Atoms) -> None:
@@ -252,7 +260,7 @@ class MFCalculator(Calculator):
         """
         self._check_structure(atoms)
         n_fid, n_atoms = len(self.fidelities), len(atoms)
-        positions = torch.from_numpy(atoms.positions).to(self.device, self.dtype)
+        positions = torch.from_numpy(atoms.positions - atoms.positions[0]).to(self.device, self.dtype)
         edge_index, shifts = self.module.neighbor_list(
             positions, self._cell, self._pbc,
             "vesin" if self._backend == "torch-cluster" else self._backend,

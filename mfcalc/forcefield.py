@@ -47,7 +47,8 @@ class ForceField(nn.Module):
 
         positions (N, 3), numbers (N,), cell (B, 3, 3), edge_index (2, E), shifts (E, 3),
         fidelity (B,) indices into ``self.fidelities``, batch (N,) structure of each atom.
-        Returns energy (B,), energies (N,), and forces (N, 3) / stress (B, 3, 3) when asked.
+        Returns energy (B,), energies (N,), min_distance (shortest pair, when there are pairs),
+        and forces (N, 3) / stress (B, 3, 3) when asked.
         """
         species = self.species_of_z[numbers]
         if bool((species < 0).any()):
@@ -82,6 +83,8 @@ class ForceField(nn.Module):
                 n_structures, dtype=energies.dtype, device=energies.device
             ).index_add(0, batch, energies)
         out: Dict[str, Tensor] = {"energy": energy, "energies": energies}
+        if edge_index.shape[1] > 0:  # lets callers warn about atoms on top of each other
+            out["min_distance"] = torch.sqrt((vectors * vectors).sum(dim=1).min()).detach()
         if compute_forces or compute_stress:
             grads = torch.autograd.grad(
                 [energy.sum()], inputs, create_graph=self.training, allow_unused=True

@@ -74,6 +74,18 @@ def _shift_range(cell: Tensor, pbc: Tensor, cutoff: float) -> Tensor:
     return torch.stack([g.reshape(-1) for g in grid], dim=1)
 
 
+def _check_dense_size(n_atoms: int, n_images: int, limit_gb: float = 4.0) -> None:
+    """The dense search holds N x N x images pair vectors at once: refuse sizes that would
+    take more than ``limit_gb`` instead of running the machine out of memory."""
+    need_gb = float(n_atoms) * float(n_atoms) * float(n_images) * 3.0 * 8.0 / 1e9
+    if need_gb > limit_gb:
+        raise ValueError(
+            "the dense all-pairs neighbor search of " + str(n_atoms) + " atoms x "
+            + str(n_images) + " periodic images would hold about " + str(int(need_gb))
+            + " GB at once; use neighbor_list='vesin' (or 'auto', which switches by size)"
+        )
+
+
 def dense_neighbor_list(
     positions: Tensor, cell: Tensor, pbc: Tensor, cutoff: float
 ) -> Tuple[Tensor, Tensor]:
@@ -81,6 +93,7 @@ def dense_neighbor_list(
     n_atoms = positions.shape[0]
     positions = positions.detach()
     if not bool(pbc.any()):
+        _check_dense_size(n_atoms, 1)
         diff = positions.unsqueeze(0) - positions.unsqueeze(1)
         mask = (diff * diff).sum(-1) < cutoff * cutoff
         mask.fill_diagonal_(False)
@@ -95,6 +108,7 @@ def dense_neighbor_list(
     offset = torch.floor(positions @ torch.linalg.inv(cell)) * periodic
     wrapped = positions - offset @ cell
     images = _shift_range(cell, pbc, cutoff)  # (M, 3)
+    _check_dense_size(n_atoms, images.shape[0])
     diff = (
         wrapped.unsqueeze(0).unsqueeze(2)
         - wrapped.unsqueeze(1).unsqueeze(2)

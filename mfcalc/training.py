@@ -113,6 +113,37 @@ def fit_reference(graphs: Sequence[Graph], n_fidelities: int, elements: List[int
     return {"e0": e0, "scale": scale.to(torch.float64)}
 
 
+@torch.no_grad()
+def refit_reference(forcefield: ForceField, graphs: Sequence[Graph], fidelity: int) -> torch.Tensor:
+    """Shift the reference energies E0[fidelity, :] by least squares on what the model gets
+    wrong on ``graphs`` (energies at that fidelity): the step that keeps a fine-tuning run from
+    starting with errors of whole hartrees when a new level of theory joins. Returns the shift."""
+    rows = [g for g in graphs if g.fidelity == fidelity]
+    if not rows:
+        raise ValueError("no structure of that fidelity to fit reference energies on")
+    elements = forcefield.elements
+    column = {z: k for k, z in enumerate(elements)}
+    was_training = forcefield.training
+    forcefield.eval()
+    dtype = next(forcefield.parameters()).dtype
+    residual, counts = [], np.zeros((len(rows), len(elements)))
+    for start in range(0, len(rows), 64):
+        chunk = rows[start : start + 64]
+        batch = collate(chunk, dtype)
+        out = forcefield(
+            batch["positions"], batch["numbers"], batch["cell"], batch["edge_index"],
+            batch["shifts"], batch["fidelity"], batch["batch"], False, False,
+        )
+        residual.extend((batch["energy"] - out["energy"].double()).tolist())
+    for r, g in enumerate(rows):
+        for z in g.numbers.tolist():
+            counts[r, column[z]] += 1
+    shift = torch.from_numpy(np.linalg.lstsq(counts, np.array(residual), rcond=None)[0])
+    forcefield.model.e0[fidelity] += shift.to(forcefield.model.e0.dtype)
+    forcefield.train(was_training)
+    return shift
+
+
 def loss_terms(out: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Squared errors: energy per atom (per structure) and force components (per atom)."""
     de = (out["energy"].double() - batch["energy"]) / batch["n_atoms"].double()
@@ -350,7 +381,7 @@ def train(
             "train_forces_mae": train_f_mae, "val": metrics,
         }
         history.append(record)
-        if score < best["score"]:
+        if score < best["score"] or not val_graphs:  # without validation data the last is kept
             best = {"score": score, "epoch": epoch, "state": copy.deepcopy(ema.state_dict())}
         stop = ""
         if epoch - best["epoch"] >= settings.patience:

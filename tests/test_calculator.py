@@ -3,9 +3,6 @@ every-fidelity prediction, and clear errors on bad input."""
 
 import numpy as np
 import pytest
-import torch
-from ase import Atoms
-from ase.build import molecule
 from ase.calculators.calculator import PropertyNotImplementedError, compare_atoms
 
 from mfcalc import MFCalculator
@@ -42,14 +39,6 @@ def test_switching_fidelity_invalidates_results(calc, ethanol):
     atoms.calc = reference
     assert e_low == pytest.approx(atoms.get_potential_energy(), abs=1e-12)
     assert e_low != pytest.approx(e_high, abs=1e-3)
-
-
-def test_unknown_fidelity_lists_the_choices(tiny_model, calc):
-    with pytest.raises(ValueError, match=r"unknown fidelity 'hihg'.*Did you mean 'high'.*\['low', 'mid', 'high'\].*'HI' -> 'high'"):
-        MFCalculator(tiny_model, fidelity="hihg", device="cpu")
-    with pytest.raises(ValueError, match="unknown fidelity 'CCSD'"):
-        calc.fidelity = "CCSD"
-    assert calc.fidelity == "high"  # a failed switch leaves the calculator as it was
 
 
 def test_state_check_is_exact_and_keeps_ase_semantics(ethanol):
@@ -98,6 +87,7 @@ def test_periodic_stress_and_molecule_without_stress(calc, silicon_small_cell, e
     ethanol.calc = calc
     with pytest.raises(PropertyNotImplementedError, match="periodic cells only"):
         ethanol.get_stress()
+    np.testing.assert_allclose(silicon_small_cell.get_stress(), silicon_small_cell.get_stress(voigt=True))
 
 
 @pytest.mark.parametrize("backend", ["dense", "vesin", "auto"])
@@ -109,49 +99,3 @@ def test_backends_give_the_same_answer(tiny_model, silicon_small_cell, backend):
     assert b.get_potential_energy() == pytest.approx(a.get_potential_energy(), abs=1e-10)
     np.testing.assert_allclose(b.get_forces(), a.get_forces(), atol=1e-10)
     np.testing.assert_allclose(b.get_stress(), a.get_stress(), atol=1e-10)
-
-
-# ---------------------------------------------------------------------- bad input
-def test_unknown_element_names_it_and_the_known_ones(calc):
-    atoms = molecule("CH3Cl")
-    atoms.calc = calc
-    with pytest.raises(ValueError, match=r"\['Cl'\] are not in this model; it knows \['H', 'C', 'O', 'Si'\]"):
-        atoms.get_potential_energy()
-
-
-def test_empty_structure(calc):
-    atoms = Atoms()
-    atoms.calc = calc
-    with pytest.raises(ValueError, match="no atoms"):
-        atoms.get_potential_energy()
-
-
-@pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_non_finite_positions(calc, ethanol, value):
-    ethanol.positions[4, 2] = value
-    ethanol.calc = calc
-    with pytest.raises(ValueError, match=r"atom\(s\) \[4\] are NaN or infinite"):
-        ethanol.get_forces()
-
-
-def test_zero_volume_periodic_cell(calc, ethanol):
-    ethanol.cell = [[5, 0, 0], [10, 0, 0], [0, 0, 5]]
-    ethanol.pbc = True
-    ethanol.calc = calc
-    with pytest.raises(ValueError, match="zero or linearly dependent"):
-        ethanol.get_potential_energy()
-
-
-def test_bad_dtype_device_backend(tiny_model):
-    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64'"):
-        MFCalculator(tiny_model, dtype="float16")
-    with pytest.raises(ValueError, match="device must be"):
-        MFCalculator(tiny_model, device="tpu")
-    with pytest.raises(ValueError, match="neighbor_list must be one of"):
-        MFCalculator(tiny_model, neighbor_list="kdtree")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
-def test_cuda_request_without_cuda(tiny_model):
-    with pytest.raises(RuntimeError, match="sees no CUDA GPU; use device='cpu'"):
-        MFCalculator(tiny_model, device="cuda")
