@@ -169,7 +169,7 @@ class MFCalculator(Calculator):
             self._cell,
             self._pbc,
             self._fidelity_index,
-            periodic and "stress" in properties,
+            periodic,  # stress comes almost free with the forces; NPT and cell filters want both
             self._backend,
             self._edges(positions),
         )
@@ -179,21 +179,22 @@ class MFCalculator(Calculator):
                 "model was never trained on such contacts and its energy is meaningless there",
                 RuntimeWarning, stacklevel=2,
             )
-        energy = float(out["energy"])
-        self.results = {
-            "energy": energy,
-            "free_energy": energy,
-            "energies": out["energies"].detach().cpu().numpy().astype(np.float64),
-            "forces": out["forces"].detach().cpu().numpy().astype(np.float64),
-        }
-        if "stress" in out:
-            stress = out["stress"].detach().cpu().numpy().astype(np.float64)
-            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
-        if not np.isfinite(self.results["forces"]).all():
+        forces = out["forces"].cpu().numpy().astype(np.float64)
+        if not np.isfinite(forces).all():  # checked before anything is cached as a result
             raise FloatingPointError(
                 "the model returned non-finite forces; two atoms may be on top of each other "
                 f"(smallest distance {self._min_distance(atoms):.3g} Å)"
             )
+        energy = float(out["energy"])
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": out["energies"].cpu().numpy().astype(np.float64),
+            "forces": forces,
+        }
+        if "stress" in out:
+            stress = out["stress"].cpu().numpy().astype(np.float64)
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
 
     # ------------------------------------------------------------------ helpers
     def _edges(self, positions: torch.Tensor) -> Optional[List[torch.Tensor]]:
@@ -247,6 +248,14 @@ class MFCalculator(Calculator):
             return float("inf")
         d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
         return float(d[np.triu_indices(len(atoms), 1)].min())
+
+    # ------------------------------------------------------------------ many structures at once
+    def batch(self, structures, max_atoms: int = 20000) -> List[Dict[str, Any]]:
+        """Energy, forces (and stress if periodic) of many structures at this calculator's
+        fidelity, in flat batches of up to ``max_atoms`` atoms per forward pass."""
+        from .replicas import predict
+
+        return predict(self, structures, max_atoms=max_atoms)
 
     # ------------------------------------------------------------------ every fidelity at once
     def predict_all_fidelities(self, atoms: Atoms) -> Dict[str, Any]:

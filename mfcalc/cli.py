@@ -76,6 +76,59 @@ def _cmd_md(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_relax(args: argparse.Namespace) -> None:
+    from ase.io import write
+
+    from .calculator import MFCalculator
+    from .workflows import read_structure, relax
+
+    atoms = read_structure(args.structure)
+    atoms.calc = MFCalculator(args.model, fidelity=args.fidelity, dtype=args.dtype, device=args.device)
+    rows = []
+    for name in args.optimizer:
+        trial = atoms.copy()
+        trial.calc = atoms.calc
+        summary = relax(trial, fmax=args.fmax, optimizer=name, steps=args.steps, cell=args.cell)
+        rows.append(summary)
+        final = trial
+    print(f"relaxation of {atoms.get_chemical_formula()} at {atoms.calc.fidelity} ({args.dtype or atoms.calc.dtype})")
+    print("| optimizer | converged | steps | E start (eV) | E final (eV) | max force (eV/Å) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['optimizer']} | {r['converged']} | {r['steps']} | {r['energy_start']:.6f} | "
+              f"{r['energy']:.6f} | {r['fmax']:.2e} |")
+    if args.out:
+        write(args.out, final)
+        print(f"wrote {args.out}")
+    if not all(r["converged"] for r in rows):
+        raise RuntimeError(f"not converged to fmax {args.fmax} eV/Å within {args.steps} steps")
+
+
+def _cmd_vib(args: argparse.Namespace) -> None:
+    from .calculator import MFCalculator
+    from .workflows import frequencies_ase, frequencies_phonopy, read_structure, relax
+
+    atoms = read_structure(args.structure)
+    calc = MFCalculator(args.model, dtype="float64", device=args.device)
+    fidelities = args.fidelity or [calc.fidelity]
+    table = {}
+    for fid in fidelities:
+        calc.fidelity = fid
+        trial = atoms.copy()
+        trial.calc = calc
+        if not args.no_relax:
+            relax(trial, fmax=args.fmax)
+        table[calc.fidelity] = {"ase": frequencies_ase(trial), "phonopy": frequencies_phonopy(trial)}
+    n_skip = 6 if len(atoms) > 2 else 5
+    names = list(table)
+    print("harmonic frequencies (cm^-1), " + ("geometry relaxed at each fidelity" if not args.no_relax else "input geometry"))
+    print("| mode | " + " | ".join(f"{n} ase | {n} phonopy" for n in names) + " |")
+    print("|---|" + "---|---|" * len(names))
+    for k in range(n_skip, 3 * len(atoms)):
+        cells = " | ".join(f"{table[n]['ase'][k]:.1f} | {table[n]['phonopy'][k]:.1f}" for n in names)
+        print(f"| {k - n_skip + 1} | {cells} |")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfcalc", description="multi-fidelity ML potentials")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_md)
+
+    p = sub.add_parser("relax", help="geometry optimisation with a summary table")
+    p.add_argument("structure")
+    p.add_argument("--model", default="ethanol-mf")
+    p.add_argument("--fidelity")
+    p.add_argument("--fmax", type=float, default=1e-3, help="eV/Å")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--optimizer", nargs="+", default=["BFGS"], choices=["BFGS", "FIRE", "LBFGS"])
+    p.add_argument("--cell", action="store_true", help="relax the cell too (periodic structures)")
+    p.add_argument("--out", help="write the relaxed structure here")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_relax)
+
+    p = sub.add_parser("vib", help="harmonic frequencies (ase.vibrations and phonopy) at one or more fidelities")
+    p.add_argument("structure")
+    p.add_argument("--model", default="ethanol-mf")
+    p.add_argument("--fidelity", action="append", help="repeat to compare fidelities side by side")
+    p.add_argument("--fmax", type=float, default=1e-4)
+    p.add_argument("--no-relax", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_vib)
     return parser
 
 

@@ -75,3 +75,67 @@ def run_md(
             traj.close()
         log.write("\n")
     return atoms
+
+
+OPTIMIZERS = ("BFGS", "FIRE", "LBFGS")
+
+
+def relax(atoms: Atoms, fmax: float = 1e-4, optimizer: str = "BFGS", steps: int = 2000,
+          trajectory: Optional[str] = None, cell: bool = False, logfile=None) -> dict:
+    """Geometry optimisation (optionally with the cell) to ``fmax`` eV/Å. Returns a summary."""
+    import ase.optimize
+    from ase.filters import FrechetCellFilter
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if cell and not atoms.pbc.all():
+        raise ValueError("a cell relaxation needs a periodic structure (pbc=True in all directions)")
+    e_start = atoms.get_potential_energy()
+    target = FrechetCellFilter(atoms) if cell else atoms
+    opt = getattr(ase.optimize, optimizer)(target, trajectory=trajectory, logfile=logfile)
+    converged = bool(opt.run(fmax=fmax, steps=steps))
+    forces = atoms.get_forces()
+    return {
+        "optimizer": optimizer, "converged": converged, "steps": opt.nsteps,
+        "energy_start": e_start, "energy": atoms.get_potential_energy(),
+        "fmax": float(np.linalg.norm(forces, axis=1).max()),
+    }
+
+
+def frequencies_ase(atoms: Atoms, delta: float = 0.005, workdir: Optional[str] = None) -> np.ndarray:
+    """Harmonic frequencies (cm^-1, imaginary ones negative) by ase.vibrations finite
+    differences with the atoms' calculator; all 3N modes, sorted."""
+    import tempfile
+
+    from ase.vibrations import Vibrations
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        vib = Vibrations(atoms, name=str(Path(tmp) / "vib"), delta=delta, nfree=2)
+        vib.run()
+        freqs = vib.get_frequencies()
+    return np.sort(np.where(np.abs(freqs.imag) > 0, -np.abs(freqs.imag), freqs.real))
+
+
+def frequencies_phonopy(atoms: Atoms, delta: float = 0.005, box: float = 20.0) -> np.ndarray:
+    """Harmonic frequencies (cm^-1, imaginary negative) of a molecule with phonopy: the molecule
+    in a ``box`` Å cubic cell (no interaction with its images), Γ point, all 3N modes, sorted."""
+    from phonopy import Phonopy
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    THZ_TO_CM = 33.35640951981521
+    calc = atoms.calc
+    molecule = atoms.copy()
+    molecule.cell = [box, box, box]
+    molecule.center()
+    unit = PhonopyAtoms(symbols=molecule.get_chemical_symbols(), cell=molecule.cell.array,
+                        positions=molecule.positions)
+    phonon = Phonopy(unit, supercell_matrix=np.eye(3, dtype=int))
+    phonon.generate_displacements(distance=delta, is_plusminus=True)
+    forces = []
+    for displaced in phonon.supercells_with_displacements:
+        probe = Atoms(displaced.symbols, positions=displaced.positions)  # evaluated as a molecule
+        probe.calc = calc
+        forces.append(probe.get_forces().copy())
+    phonon.forces = np.array(forces)
+    phonon.produce_force_constants()
+    return np.sort(np.asarray(phonon.get_frequencies([0.0, 0.0, 0.0])) * THZ_TO_CM)

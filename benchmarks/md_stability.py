@@ -1,0 +1,86 @@
+"""Long Langevin NVT of ethanol at 500 K at CCSD(T): do bonds stay bonds?
+
+    python benchmarks/md_stability.py [--ps 100] [--temperature 500]
+
+Checks, every 10 steps, every bond of the starting structure (stretched beyond 1.5x its length?)
+and every non-bonded heavy-atom/hydrogen pair (closer than 0.8x a bond?). Writes
+benchmarks/results/md_stability.md.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from ase import units
+from ase.build import molecule
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.neighborlist import natural_cutoffs, neighbor_list
+
+from mfcalc import MFCalculator
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_stability(picoseconds: float = 100.0, temperature: float = 500.0, seed: int = 0,
+                  timestep_fs: float = 0.5, dtype: str = "float32") -> dict:
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)", dtype=dtype)
+    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.1))
+    bonds = np.array([(a, b) for a, b in zip(i, j) if a < b])
+    length0 = atoms.get_distances(bonds[:, 0], bonds[:, 1])
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature, friction=0.01 / units.fs, rng=rng)
+    worst = {"stretch": 0.0, "compress": 10.0, "nonbonded_min": 10.0}
+    temps = []
+    bonded = np.zeros((len(atoms), len(atoms)), bool)
+    bonded[bonds[:, 0], bonds[:, 1]] = bonded[bonds[:, 1], bonds[:, 0]] = True
+    np.fill_diagonal(bonded, True)
+
+    def check():
+        d = atoms.get_all_distances()
+        ratio = d[bonds[:, 0], bonds[:, 1]] / length0
+        worst["stretch"] = max(worst["stretch"], float(ratio.max()))
+        worst["compress"] = min(worst["compress"], float(ratio.min()))
+        worst["nonbonded_min"] = min(worst["nonbonded_min"], float(d[~bonded].min()))
+        temps.append(atoms.get_temperature())
+
+    dyn.attach(check, interval=10)
+    steps = int(round(picoseconds * 1000 / timestep_fs))
+    start = time.perf_counter()
+    dyn.run(steps)
+    seconds = time.perf_counter() - start
+    intact = worst["stretch"] < 1.5 and worst["compress"] > 0.7 and worst["nonbonded_min"] > 0.8
+    return {"picoseconds": picoseconds, "steps": steps, "temperature": temperature,
+            "mean_temperature": float(np.mean(temps[len(temps) // 10:])), "intact": bool(intact),
+            "max_bond_stretch": worst["stretch"], "min_bond_compression": worst["compress"],
+            "min_nonbonded_distance": worst["nonbonded_min"], "seconds": seconds,
+            "ms_per_step": 1000 * seconds / steps}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ps", type=float, default=100.0)
+    parser.add_argument("--temperature", type=float, default=500.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    r = run_stability(args.ps, args.temperature, args.seed)
+    text = (
+        f"# MD stability: ethanol, Langevin NVT {r['temperature']:.0f} K, CCSD(T), ethanol-mf\n\n"
+        f"| ps | steps | mean T (K) | bonds intact | max bond stretch | min bond compression | "
+        f"min non-bonded distance (Å) | ms/step |\n|---|---|---|---|---|---|---|---|\n"
+        f"| {r['picoseconds']:.0f} | {r['steps']} | {r['mean_temperature']:.0f} | {r['intact']} | "
+        f"{r['max_bond_stretch']:.3f} | {r['min_bond_compression']:.3f} | {r['min_nonbonded_distance']:.3f} | "
+        f"{r['ms_per_step']:.2f} |\n"
+    )
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "md_stability.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

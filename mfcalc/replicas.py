@@ -1,0 +1,197 @@
+"""Batched evaluation and replica molecular dynamics, all in torch.
+
+``predict(model, structures)`` evaluates many structures in one forward pass (a flat batch).
+``ReplicaMD`` advances R copies of a system together (Velocity Verlet, or Langevin with the
+BAOAB splitting) on CPU or GPU, one batched force call per step, and writes one ASE trajectory
+per replica. Units are ASE's: Å, eV, amu, and ASE time (``ase.units.fs``).
+"""
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from .calculator import MFCalculator
+
+
+def _as_calculator(model, fidelity, device, dtype) -> MFCalculator:
+    if isinstance(model, MFCalculator):
+        if fidelity is not None:
+            model.fidelity = fidelity
+        return model
+    return MFCalculator(model, fidelity=fidelity, device=device, dtype=dtype)
+
+
+def batch_pairs(calc: MFCalculator, positions: torch.Tensor, structures: Sequence[Atoms]) -> List[torch.Tensor]:
+    """Pair lists of every structure, offset into one flat batch: [edge_index, shifts]."""
+    edges, shifts, offset, start = [], [], 0, 0
+    for atoms in structures:
+        n = len(atoms)
+        cell = torch.tensor(atoms.cell.array, dtype=calc.dtype, device=calc.device)
+        pbc = torch.tensor(atoms.pbc, device=calc.device)
+        backend = calc.neighbor_backend
+        if backend in ("auto", "torch-cluster"):
+            backend = "dense" if n <= 96 or calc.device.type == "cuda" else "vesin"
+        e, s = calc.module.neighbor_list(positions[start : start + n], cell, pbc, backend)
+        edges.append(e + offset)
+        shifts.append(s)
+        offset += n
+        start += n
+    return [torch.cat(edges, dim=1), torch.cat(shifts)]
+
+
+def predict(
+    model: Union[str, Path, MFCalculator], structures: Sequence[Atoms], fidelity: Optional[str] = None,
+    device: str = "auto", dtype: Optional[str] = None, max_atoms: int = 20000,
+) -> List[Dict[str, np.ndarray]]:
+    """Energies, forces (and stress for periodic ones) of many structures, in batches of up to
+    ``max_atoms`` atoms per forward pass. Returns one dict per structure."""
+    calc = _as_calculator(model, fidelity, device, dtype)
+    results: List[Dict[str, np.ndarray]] = []
+    chunk: List[Atoms] = []
+    for atoms in list(structures) + [None]:
+        if atoms is not None and (not chunk or sum(map(len, chunk)) + len(atoms) <= max_atoms):
+            chunk.append(atoms)
+            continue
+        results.extend(_predict_chunk(calc, chunk))
+        chunk = [atoms] if atoms is not None else []
+    return results
+
+
+def _predict_chunk(calc: MFCalculator, structures: List[Atoms]) -> List[Dict[str, np.ndarray]]:
+    for atoms in structures:
+        calc._check_structure(atoms)
+    counts = [len(a) for a in structures]
+    positions = torch.tensor(
+        np.concatenate([a.positions - a.positions[0] for a in structures]), dtype=calc.dtype, device=calc.device
+    )
+    edge_index, shifts = batch_pairs(calc, positions, structures)
+    periodic = any(a.pbc.any() for a in structures)
+    n_structures = len(structures)
+    out = calc.module.forward(
+        positions,
+        torch.tensor(np.concatenate([a.numbers for a in structures]), device=calc.device),
+        torch.tensor(np.stack([a.cell.array for a in structures]), dtype=calc.dtype, device=calc.device),
+        edge_index, shifts,
+        torch.full((n_structures,), calc._fidelity_index, device=calc.device),
+        torch.repeat_interleave(torch.arange(n_structures, device=calc.device), torch.tensor(counts, device=calc.device)),
+        True, periodic,
+    )
+    energy = out["energy"].cpu().numpy().astype(np.float64)
+    forces = np.split(out["forces"].cpu().numpy().astype(np.float64), np.cumsum(counts)[:-1])
+    results = []
+    for k, atoms in enumerate(structures):
+        r = {"energy": float(energy[k]), "forces": forces[k]}
+        if atoms.pbc.any():
+            r["stress"] = full_3x3_to_voigt_6_stress(out["stress"][k].cpu().numpy().astype(np.float64))
+        results.append(r)
+    return results
+
+
+class ReplicaMD:
+    """R replicas advanced together: one batched force evaluation per step.
+
+    ``temperature`` and ``friction`` (1/fs) > 0 give Langevin dynamics (BAOAB), friction 0 gives
+    Velocity Verlet (NVE). Replicas must be non-periodic molecules of at most a few hundred atoms
+    (the pair list is an all-pairs search inside each replica, batched).
+    """
+
+    def __init__(
+        self, model, replicas: Sequence[Atoms], fidelity: Optional[str] = None, timestep: float = 0.5,
+        temperature: float = 300.0, friction: float = 0.01, device: str = "auto", dtype: Optional[str] = None,
+        seed: int = 0,
+    ):
+        self.calc = _as_calculator(model, fidelity, device, dtype)
+        if any(a.pbc.any() for a in replicas):
+            raise ValueError("ReplicaMD handles non-periodic molecules; use ASE MD with MFCalculator for periodic cells")
+        sizes = {len(a) for a in replicas}
+        if len(sizes) != 1:
+            raise ValueError(f"replicas must have the same number of atoms, got sizes {sorted(sizes)}")
+        for atoms in replicas:
+            self.calc._check_structure(atoms)
+        dev, dt = self.calc.device, self.calc.dtype
+        self.n_replicas, self.n_atoms = len(replicas), sizes.pop()
+        self.symbols = [a.get_chemical_symbols() for a in replicas]
+        self.positions = torch.tensor(np.stack([a.positions for a in replicas]), dtype=dt, device=dev)
+        self.masses = torch.tensor(np.stack([a.get_masses() for a in replicas]), dtype=dt, device=dev).unsqueeze(-1)
+        self.velocities = torch.tensor(np.stack([a.get_velocities() for a in replicas]), dtype=dt, device=dev)
+        self.numbers = torch.tensor(np.concatenate([a.numbers for a in replicas]), device=dev)
+        self.timestep = timestep * units.fs
+        self.kT = temperature * units.kB
+        self.friction = friction / units.fs
+        self.generator = torch.Generator(device=dev).manual_seed(seed)
+        r, n = self.n_replicas, self.n_atoms
+        self.batch = torch.arange(r, device=dev).repeat_interleave(n)
+        self.fidelity = torch.full((r,), self.calc._fidelity_index, device=dev)
+        self.cells = torch.zeros((r, 3, 3), dtype=dt, device=dev)
+        local = torch.ones(n, n, dtype=torch.bool, device=dev).fill_diagonal_(False)
+        self._local_pairs = local
+        self.nsteps = 0
+        self.energy, self.forces = self._forces()
+
+    def _pairs(self) -> List[torch.Tensor]:
+        """All-pairs search inside every replica at once: (R, N, N) distances -> flat pairs."""
+        d2 = (self.positions.unsqueeze(1) - self.positions.unsqueeze(2)).pow(2).sum(-1)
+        mask = (d2 < self.calc.cutoff**2) & self._local_pairs
+        rep, i, j = mask.nonzero(as_tuple=True)
+        edge_index = torch.stack([rep * self.n_atoms + i, rep * self.n_atoms + j])
+        return [edge_index, torch.zeros((edge_index.shape[1], 3), dtype=self.positions.dtype, device=self.positions.device)]
+
+    def _forces(self):
+        edge_index, shifts = self._pairs()
+        out = self.calc.module.forward(
+            self.positions.reshape(-1, 3), self.numbers, self.cells, edge_index, shifts,
+            self.fidelity, self.batch, True, False,
+        )
+        return out["energy"], out["forces"].view(self.n_replicas, self.n_atoms, 3)
+
+    def step(self) -> None:
+        dt = self.timestep
+        self.velocities += 0.5 * dt * self.forces / self.masses
+        if self.friction > 0:  # BAOAB
+            self.positions += 0.5 * dt * self.velocities
+            c1 = np.exp(-self.friction * dt)
+            noise = torch.randn(self.velocities.shape, generator=self.generator, dtype=self.velocities.dtype,
+                                device=self.velocities.device)
+            self.velocities = c1 * self.velocities + np.sqrt(1 - c1 * c1) * torch.sqrt(self.kT / self.masses) * noise
+            self.positions += 0.5 * dt * self.velocities
+        else:
+            self.positions += dt * self.velocities
+        self.energy, self.forces = self._forces()
+        self.velocities += 0.5 * dt * self.forces / self.masses
+        self.nsteps += 1
+
+    def temperatures(self) -> np.ndarray:
+        kinetic = 0.5 * (self.masses * self.velocities.pow(2)).sum(dim=(1, 2))
+        return (2 * kinetic / (3 * self.n_atoms * units.kB)).cpu().numpy()
+
+    def atoms(self, k: int) -> Atoms:
+        """Replica ``k`` as ASE Atoms with velocities, energy and forces attached."""
+        atoms = Atoms(self.symbols[k], positions=self.positions[k].cpu().numpy().astype(np.float64))
+        atoms.set_velocities(self.velocities[k].cpu().numpy().astype(np.float64))
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=float(self.energy[k]), forces=self.forces[k].cpu().numpy().astype(np.float64)
+        )
+        return atoms
+
+    def run(self, steps: int, trajectory: Optional[str] = None, interval: int = 10) -> None:
+        """Advance ``steps`` steps; with ``trajectory`` (a pattern with ``{k}``, e.g.
+        "rep{k}.traj") write every ``interval``-th frame of each replica with ASE."""
+        from ase.io import Trajectory
+
+        writers = []
+        if trajectory:
+            writers = [Trajectory(trajectory.format(k=k), "a" if self.nsteps else "w") for k in range(self.n_replicas)]
+        try:
+            for _ in range(steps):
+                self.step()
+                if writers and self.nsteps % interval == 0:
+                    for k, w in enumerate(writers):
+                        w.write(self.atoms(k))
+        finally:
+            for w in writers:
+                w.close()
