@@ -37,6 +37,15 @@ def ethanol() -> Atoms:
     return molecule("CH3CH2OH")
 
 
+def aspirin() -> Atoms:
+    """Aspirin (21 atoms), the first configuration of the shipped CCSD data."""
+    from pathlib import Path
+
+    from ase.io import read
+
+    return read(str(Path(__file__).resolve().parent.parent / "data" / "aspirin_ccsd-15.xyz"), index=0)
+
+
 def median_time(fn, repeats: int = 7, number: int = 20, warmup: int = 5) -> float:
     """Median over ``repeats`` of the mean time of ``number`` calls, in seconds."""
     for _ in range(warmup):

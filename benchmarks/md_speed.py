@@ -1,10 +1,13 @@
 """ms per MD step through ASE (Velocity Verlet, after warm-up, median of repeats) for ethanol
-(9 atoms) and a periodic water box (576 atoms), float32 and float64, per neighbor-list backend.
+(9 atoms), aspirin (21 atoms) and a periodic water box (576 atoms), float32 and float64, per
+neighbor-list backend, and the same runs with peers (MACE-OFF small, SchNetPack PaiNN) built with
+random weights in the same process, when they are importable (see peers.py for how to install
+them beside torch without replacing it).
 
-    python benchmarks/md_speed.py [--model ethanol-mf] [--threads 2]
+    python benchmarks/md_speed.py [--model ethanol-mf] [--threads 2] [--quick] [--no-peers]
 
-Prints a markdown table and writes it to benchmarks/results/md_speed.md. A zero-cost
-calculator with the same state check gives ASE's own floor per step.
+Prints a markdown table with mfcalc/peer ratios and writes it, with a PNG bar chart, to
+benchmarks/results/. A zero-cost calculator gives ASE's own floor per step.
 """
 
 import argparse
@@ -20,7 +23,8 @@ from ase.md.verlet import VelocityVerlet
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ethanol, median_time, water_box  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import aspirin, ethanol, median_time, water_box  # noqa: E402
 
 from mfcalc import MFCalculator  # noqa: E402
 from mfcalc.calculator import exact_changes  # noqa: E402
@@ -60,6 +64,8 @@ def main():
     parser.add_argument("--model", default="ethanol-mf")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--out", default="md_speed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     backends = ["dense", "vesin"]
@@ -69,31 +75,89 @@ def main():
         backends.append("torch-cluster")
     except ImportError:
         pass
-    systems = {"ethanol (9 atoms)": (ethanol(), 50), "water box (576 atoms, periodic)": (water_box(), 3)}
+    peers = {}
+    if not args.no_peers:
+        from peers import PEERS
+
+        for name, make in PEERS.items():
+            try:
+                make("float32")
+                peers[name] = make
+            except Exception as err:  # noqa: BLE001 - a missing peer is reported, not fatal
+                print(f"peer {name} unavailable: {type(err).__name__}: {err}")
+    systems = {
+        "ethanol (9 atoms)": (ethanol(), 50),
+        "aspirin (21 atoms)": (aspirin(), 30),
+        "water box (576 atoms, periodic)": (water_box(), 3),
+    }
     repeats = 3 if args.quick else 7
     rows = []
+
+    def add(system, calculator, dtype, backend, t):
+        rows.append((system, calculator, dtype, backend, t))
+        print(f"{system:32s} {calculator:28s} {dtype:8s} {backend:16s} {t:9.2f} ms/step", flush=True)
+
     for name, (atoms, steps) in systems.items():
         for exact in (False, True):
             label = "exact state check" if exact else "ASE default state check"
-            t = ms_per_step(atoms, ZeroCalculator(exact), steps * 4, repeats)
-            rows.append((name, f"zero-cost calculator, {label}", "-", "-", t))
+            add(name, f"zero-cost ({label})", "-", "-", ms_per_step(atoms, ZeroCalculator(exact), steps * 4, repeats))
         for dtype in ("float32", "float64"):
             for backend in backends + ["auto"]:
                 calc = MFCalculator(args.model, dtype=dtype, device="cpu", neighbor_list=backend)
                 t = ms_per_step(atoms, calc, steps, repeats)
-                chosen = calc._backend
-                rows.append((name, "mfcalc " + args.model, dtype, f"{backend} ({chosen})" if backend == "auto" else backend, t))
-                print(f"{name:32s} {dtype:8s} {backend:14s} {t:9.2f} ms/step", flush=True)
-    header = (
-        f"# MD speed (ms per Velocity-Verlet step through ASE)\n\n"
-        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads, device cpu\n\n"
-        "| system | calculator | dtype | neighbor list | ms/step |\n|---|---|---|---|---|\n"
-    )
-    table = header + "".join(f"| {a} | {b} | {c} | {d} | {t:.2f} |\n" for a, b, c, d, t in rows)
+                calc._check_structure(atoms)
+                add(name, "mfcalc " + args.model, dtype, f"auto ({calc._backend})" if backend == "auto" else backend, t)
+            for peer, make in peers.items():
+                n = max(1, steps // 10) if len(atoms) > 100 else steps
+                add(name, peer, dtype, "own", ms_per_step(atoms, make(dtype), n, max(1, repeats // 2)))
+    lines = [
+        "# MD speed: ms per Velocity-Verlet step through ASE",
+        "",
+        f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, CPU; "
+        "median of repeats after warm-up; peers built at their published sizes with random weights, "
+        "in the same process. Lower is better.",
+        "",
+        "| system | calculator | dtype | neighbor list | ms/step | mfcalc (auto) speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    auto = {(r[0], r[2]): r[4] for r in rows if r[1].startswith("mfcalc") and r[3].startswith("auto")}
+    for system, calculator, dtype, backend, t in rows:
+        ratio = ""
+        if calculator in peers and (system, dtype) in auto:
+            ratio = f"{t / auto[system, dtype]:.1f}x"
+        lines.append(f"| {system} | {calculator} | {dtype} | {backend} | {t:.2f} | {ratio} |")
+    table = "\n".join(lines) + "\n"
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "md_speed.md").write_text(table)
+    (RESULTS / f"{args.out}.md").write_text(table)
+    plot(rows, peers, RESULTS / f"{args.out}.png")
+
+
+def plot(rows, peers, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(dict.fromkeys(r[0] for r in rows))
+    labels = ["mfcalc (auto)"] + list(peers)
+    fig, axes = plt.subplots(1, len(systems), figsize=(4 * len(systems), 3.5))
+    for ax, system in zip(np.atleast_1d(axes), systems):
+        for k, dtype in enumerate(("float32", "float64")):
+            values = []
+            for label in labels:
+                match = [r[4] for r in rows if r[0] == system and r[2] == dtype and (
+                    (label == "mfcalc (auto)" and r[1].startswith("mfcalc") and r[3].startswith("auto")) or r[1] == label)]
+                values.append(match[0] if match else np.nan)
+            ax.bar(np.arange(len(labels)) + 0.4 * k, values, width=0.4, label=dtype)
+        ax.set_xticks(np.arange(len(labels)) + 0.2)
+        ax.set_xticklabels(labels, rotation=20, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(system, fontsize=9)
+        ax.set_ylabel("ms per MD step")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 import argparse
 import json
 import sys
+
+import numpy as np
 from typing import List, Optional
 
 
@@ -129,6 +131,37 @@ def _cmd_vib(args: argparse.Namespace) -> None:
         print(f"| {k - n_skip + 1} | {cells} |")
 
 
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from .finetune import finetune, save_finetuned
+    from .recipe import READERS, load_datasets, read_recipe
+
+    reader = READERS[args.format]
+    options = {"energy_unit": args.energy_unit} if args.energy_unit else {}
+    data = reader(args.data, fidelity=args.fidelity, **options)
+    replay = replay_val = None
+    if args.replay:
+        from pathlib import Path
+
+        recipe_path = Path(args.replay).resolve()
+        splits = load_datasets(read_recipe(recipe_path), recipe_path.parent)
+        rng = np.random.default_rng(0)
+        replay = [splits["train"][i] for i in rng.permutation(len(splits["train"]))[: args.replay_size]]
+        replay_val = splits["val"]
+    aliases = json.loads(args.aliases) if args.aliases else None
+    result = finetune(args.base, data, args.fidelity, new_fidelity=args.new_fidelity, strategy=args.strategy,
+                      replay=replay, replay_val=replay_val, replay_fraction=args.replay_fraction, aliases=aliases)
+    path = save_finetuned(result, args.output)
+    print(f"wrote {path}: fidelities {result.forcefield.fidelities}")
+    drift = result.report["drift"]
+    if drift:
+        print("| fidelity | forces MAE before (meV/Å) | after | energy MAE before (meV) | after |")
+        print("|---|---|---|---|---|")
+        for name, row in drift.items():
+            fb, fa = row.get("forces_mae_before"), row.get("forces_mae_after")
+            f_text = f"{1000 * fb:.1f} | {1000 * fa:.1f}" if fb is not None else "- | -"
+            print(f"| {name} | {f_text} | {1000 * row['energy_mae_before']:.2f} | {1000 * row['energy_mae_after']:.2f} |")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfcalc", description="multi-fidelity ML potentials")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aliases", help='JSON, e.g. \'{"CCSD(T)": "CCSD(T)/cc-pVTZ"}\'')
     p.add_argument("--default-fidelity")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on a few new points, keeping every fidelity")
+    p.add_argument("base", help="model name, exported .pt or checkpoint")
+    p.add_argument("data", help="labelled structures")
+    p.add_argument("--fidelity", required=True, help="level of theory of DATA")
+    p.add_argument("--new-fidelity", action="store_true", help="add FIDELITY as a new level of theory")
+    p.add_argument("--strategy", choices=["embedding", "readout", "full"], default="full")
+    p.add_argument("--format", choices=["extxyz", "gdml", "ase-db", "transition1x"], default="extxyz")
+    p.add_argument("--energy-unit", help="energy unit of DATA (default: the reader's)")
+    p.add_argument("--replay", help="recipe of the base model: its data is replayed and its validation split drives the drift report")
+    p.add_argument("--replay-size", type=int, default=500)
+    p.add_argument("--replay-fraction", type=float, default=0.3)
+    p.add_argument("--aliases", help='JSON, e.g. \'{"CC": "CCSD(T)/cc-pVDZ"}\'')
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("info", help="fidelities, elements, cutoff and test errors of a model")
     p.add_argument("model")

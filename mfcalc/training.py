@@ -266,13 +266,17 @@ def train(
     workdir: Optional[Path] = None,
     resume: bool = False,
     fit_references: bool = True,
+    trainable: Optional[Sequence[str]] = None,
+    sample_weights: Optional[np.ndarray] = None,
 ) -> Dict[str, Any]:
     """Train ``forcefield`` in place (ending with the best EMA weights). Returns a summary.
 
     With ``workdir`` the full training state is saved there after every epoch
     (``train_state.pt``) and a CSV log is appended (``log.csv``); ``resume=True`` continues from
     the saved state. Under torchrun every process draws its own batches and gradients are
-    averaged, so all ranks hold identical weights.
+    averaged, so all ranks hold identical weights. ``trainable`` (parameter-name prefixes) limits
+    which weights move; ``sample_weights`` (one per training structure) replaces the temperature
+    sampling across fidelities.
     """
     rank, world = distributed_rank_world()
     torch.manual_seed(settings.seed)
@@ -290,12 +294,20 @@ def train(
         for tensor in forcefield.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
     ema = copy.deepcopy(forcefield).eval()
-    parameters = [p for p in forcefield.parameters() if p.requires_grad]
+    parameters = [
+        p for name, p in forcefield.named_parameters()
+        if trainable is None or any(name.startswith(prefix) for prefix in trainable)
+    ]
+    if not parameters:
+        raise ValueError(f"no parameter matches trainable={list(trainable or [])}")
 
     fid_weight = torch.tensor(
         [(settings.fidelity_weights or {}).get(name, 1.0) for name in fidelities], dtype=dtype
     )
-    probabilities = sampling_weights(train_graphs, len(fidelities), settings.sampling_temperature)
+    if sample_weights is None:
+        probabilities = sampling_weights(train_graphs, len(fidelities), settings.sampling_temperature)
+    else:
+        probabilities = np.asarray(sample_weights, float) / np.sum(sample_weights)
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     total_steps = settings.epochs * settings.steps_per_epoch
 

@@ -1,0 +1,226 @@
+"""Fine-tuning a trained model on a few new points, without forgetting the other fidelities.
+
+    base model (exported file or checkpoint) -> [new fidelity row, initialised from the closest
+    existing one] -> reference energies refitted on the new points -> training of the chosen
+    weights (embedding / readout / full), optionally replaying old data -> drift report of every
+    old fidelity (before vs after) -> a model file that still holds every fidelity.
+"""
+
+import copy
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .data import Structure, count_by_fidelity, split_indices
+from .forcefield import ForceField
+from .modelfile import ModelFileError, build_forcefield, export_model, load_checkpoint, load_model, save_checkpoint
+from .training import TrainSettings, evaluate, refit_reference, to_graphs, train
+
+STRATEGIES = {
+    # which weights move (parameter-name prefixes of ForceField)
+    "embedding": ["model.fidelity_embedding"],
+    "readout": ["model.fidelity_embedding", "model.film", "model.readout"],
+    "full": [""],
+}
+
+
+@dataclass
+class FinetuneResult:
+    forcefield: ForceField
+    metadata: Dict[str, Any]
+    report: Dict[str, Any] = field(default_factory=dict)
+
+    def calculator(self, path: Union[str, Path], **kwargs):
+        """Export to ``path`` and return an MFCalculator on it."""
+        from .calculator import MFCalculator
+
+        export_model(self.forcefield, path, self.metadata)
+        return MFCalculator(path, **kwargs)
+
+
+def load_base(base: Union[str, Path]) -> tuple:
+    """(eager ForceField, metadata) from an exported model file, a model name, or a checkpoint."""
+    try:
+        module, meta = load_model(base)
+        forcefield = build_forcefield(meta["config"], module.state_dict())
+    except ModelFileError:
+        payload = load_checkpoint(base)
+        card = json.loads(payload.get("card", "{}"))
+        forcefield = build_forcefield(payload["config"], payload["state_dict"])
+        meta = {"training_data": card.get("training_data", []), "test_errors": card.get("test_errors", {}),
+                "aliases": {}, "default_fidelity": payload["config"]["fidelities"][-1]}
+    return forcefield.double(), meta
+
+
+def add_fidelity(forcefield: ForceField, name: str, like: int) -> ForceField:
+    """A copy of ``forcefield`` with one more fidelity whose embedding row and reference energies
+    start as those of fidelity ``like``."""
+    config = dict(forcefield.model.config)
+    if name in config["fidelities"]:
+        raise ValueError(f"fidelity {name!r} already exists; fine-tune it without --new-fidelity")
+    config["fidelities"] = list(config["fidelities"]) + [name]
+    grown = build_forcefield(config).to(next(forcefield.parameters()).dtype)
+    state = forcefield.state_dict()
+    for key, value in grown.state_dict().items():
+        old = state[key]
+        if old.shape == value.shape:
+            value.copy_(old)
+        else:  # the embedding table and the reference energies gain one row
+            value[: old.shape[0]] = old
+            value[old.shape[0]] = old[like]
+    return grown
+
+
+def closest_fidelity(forcefield: ForceField, graphs, candidates: Sequence[int]) -> int:
+    """The existing fidelity whose forces (or, without forces, energies after a constant shift)
+    best match the new data."""
+    scores = []
+    for f in candidates:
+        probe = copy.deepcopy(graphs)
+        for g in probe:
+            g.fidelity = f
+        errors = evaluate(forcefield, probe, forcefield.fidelities)[forcefield.fidelities[f]]
+        if "forces_mae" in errors:
+            scores.append(errors["forces_mae"])
+        else:
+            de = np.array([g.energy for g in graphs])
+            scores.append(float(np.std(de - np.mean(de))) if len(de) > 1 else 0.0)
+    return int(candidates[int(np.argmin(scores))])
+
+
+def finetune(
+    base: Union[str, Path],
+    data: Sequence[Structure],
+    fidelity: str,
+    new_fidelity: bool = False,
+    strategy: str = "full",
+    replay: Optional[Sequence[Structure]] = None,
+    replay_val: Optional[Sequence[Structure]] = None,
+    replay_fraction: float = 0.3,
+    val_fraction: float = 0.2,
+    settings: Optional[TrainSettings] = None,
+    aliases: Optional[Dict[str, str]] = None,
+    seed: int = 0,
+    log=print,
+) -> FinetuneResult:
+    """Fine-tune ``base`` on ``data`` (all at ``fidelity``). See the module docstring.
+
+    ``replay``/``replay_val``: structures of the old fidelities, replayed during training and
+    used for the drift report. With fewer than 10 points the number of epochs is chosen by
+    k-fold cross-validation and the final model is trained on all points.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    if not data:
+        raise ValueError("no data to fine-tune on")
+    wrong = {s.fidelity for s in data} - {fidelity}
+    if wrong:
+        raise ValueError(f"every fine-tuning record must be at fidelity {fidelity!r}; found {sorted(wrong)}")
+    forcefield, meta = load_base(base)
+    old_fidelities = list(forcefield.fidelities)
+    if new_fidelity:
+        graphs = to_graphs([replace(s, fidelity=old_fidelities[0]) for s in data], old_fidelities, forcefield.cutoff)
+        like = closest_fidelity(forcefield, graphs, range(len(old_fidelities)))
+        log(f"new fidelity {fidelity!r} starts from {old_fidelities[like]!r} (closest on the new data)")
+        forcefield = add_fidelity(forcefield, fidelity, like)
+    elif fidelity not in old_fidelities:
+        raise ValueError(
+            f"fidelity {fidelity!r} is not in the base model {old_fidelities}; "
+            "pass new_fidelity=True (--new-fidelity) to add it"
+        )
+    index = forcefield.fidelities.index(fidelity)
+    settings = settings or TrainSettings(
+        epochs=60, steps_per_epoch=20, batch_size=8, lr=5e-4, weight_decay=0.0, ema_decay=0.95,
+        patience=15, seed=seed, energy_weight=100.0,
+    )
+    before = _drift_errors(forcefield, replay_val)
+    shift = refit_reference(forcefield, to_graphs(data, forcefield.fidelities, forcefield.cutoff), index)
+    log(f"reference energies of {fidelity!r} shifted by {np.round(shift.numpy(), 4).tolist()} eV per element")
+
+    n = len(data)
+    if n < 10:
+        epochs = _epochs_by_kfold(forcefield, data, replay, replay_fraction, strategy, settings, seed, log)
+        train_set, val_set = list(data), []
+        settings = replace(settings, epochs=epochs, patience=10**6)
+    else:
+        n_val = max(2, int(round(val_fraction * n)))
+        train_idx, val_idx = split_indices(n, [n - n_val, n_val], seed)
+        train_set, val_set = [data[i] for i in train_idx], [data[i] for i in val_idx]
+    result = _train(forcefield, train_set, val_set, replay, replay_fraction, strategy, settings, log)
+    after = _drift_errors(forcefield, replay_val)
+
+    new_errors = evaluate(forcefield.double(), to_graphs(val_set, forcefield.fidelities, forcefield.cutoff),
+                          forcefield.fidelities).get(fidelity, {}) if val_set else {}
+    report = {
+        "fidelity": fidelity, "new_fidelity": new_fidelity, "strategy": strategy, "points": n,
+        "train": len(train_set), "val": len(val_set), "replay": count_by_fidelity(replay or []),
+        "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+        "validation_errors": new_errors, "drift": _drift_table(before, after),
+    }
+    meta = dict(meta)
+    meta["aliases"] = {**meta.get("aliases", {}), **(aliases or {})}
+    meta["default_fidelity"] = meta.get("default_fidelity", fidelity)
+    meta["test_errors"] = {**meta.get("test_errors", {}), **({fidelity: new_errors} if new_errors else {})}
+    meta["finetune"] = meta.get("finetune", []) + [report]
+    keep = {k: meta[k] for k in ("aliases", "default_fidelity", "training_data", "test_errors", "finetune") if k in meta}
+    return FinetuneResult(forcefield.double().eval(), keep, report)
+
+
+def _train(forcefield, train_set, val_set, replay, replay_fraction, strategy, settings, log):
+    structures = list(train_set) + list(replay or [])
+    weights = None
+    if replay:
+        weights = np.concatenate([
+            np.full(len(train_set), (1 - replay_fraction) / len(train_set)),
+            np.full(len(replay), replay_fraction / len(replay)),
+        ])
+    return train(forcefield, structures, val_set, settings, log=log, fit_references=False,
+                 trainable=STRATEGIES[strategy], sample_weights=weights)
+
+
+def _epochs_by_kfold(forcefield, data, replay, replay_fraction, strategy, settings, seed, log) -> int:
+    k = min(len(data), 5)
+    order = np.random.default_rng(seed).permutation(len(data))
+    best = []
+    for fold in range(k):
+        val_idx = order[fold::k]
+        train_idx = np.setdiff1d(order, val_idx)
+        trial = copy.deepcopy(forcefield)
+        r = _train(trial, [data[i] for i in train_idx], [data[i] for i in val_idx], replay, replay_fraction,
+                   strategy, settings, lambda *a: None)
+        best.append(r["best_epoch"] + 1)
+    epochs = int(np.median(best))
+    log(f"{k}-fold cross-validation on {len(data)} points: best after {best} epochs -> {epochs}")
+    return max(epochs, 1)
+
+
+def _drift_errors(forcefield: ForceField, structures) -> Dict[str, Dict[str, float]]:
+    if not structures:
+        return {}
+    probe = copy.deepcopy(forcefield).double()
+    return evaluate(probe, to_graphs(structures, probe.fidelities, probe.cutoff), probe.fidelities)
+
+
+def _drift_table(before, after) -> Dict[str, Dict[str, float]]:
+    table = {}
+    for name, b in before.items():
+        a = after.get(name, {})
+        row = {"energy_mae_before": b["energy_mae"], "energy_mae_after": a.get("energy_mae")}
+        if "forces_mae" in b:
+            row.update(forces_mae_before=b["forces_mae"], forces_mae_after=a.get("forces_mae"))
+        table[name] = row
+    return table
+
+
+def save_finetuned(result: FinetuneResult, out_dir: Union[str, Path]) -> Path:
+    """model.pt (every fidelity), checkpoint.pt and finetune.json in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    export_model(result.forcefield, out / "model.pt", result.metadata)
+    save_checkpoint(out / "checkpoint.pt", result.forcefield, card=json.dumps(result.metadata))
+    (out / "finetune.json").write_text(json.dumps(result.report, indent=1))
+    return out / "model.pt"

@@ -1,0 +1,66 @@
+"""Fine-tuning: a new fidelity joins without disturbing the old ones (embedding strategy), the
+reference energies are refitted, every fidelity survives in the exported file, and the drift of
+the old fidelities is measured when weights they share are trained."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.build import molecule
+
+from mfcalc import MFCalculator
+from mfcalc.data import read_extxyz, read_gdml_npz
+from mfcalc.finetune import finetune, save_finetuned
+from mfcalc.training import TrainSettings
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "ethanol"
+FAST = TrainSettings(epochs=4, steps_per_epoch=5, batch_size=4, lr=1e-3, weight_decay=0.0, ema_decay=0.5, seed=0)
+
+
+def predictions(path, fidelities):
+    atoms = molecule("CH3CH2OH")
+    out = {}
+    for fid in fidelities:
+        atoms.calc = MFCalculator(path, fidelity=fid, dtype="float64", device="cpu")
+        out[fid] = (atoms.get_potential_energy(), atoms.get_forces().copy())
+    return out
+
+
+def test_new_fidelity_with_embedding_strategy_leaves_old_ones_untouched(tiny_model, tmp_path):
+    data = read_gdml_npz(DATA / "ethanol_ccsd_t-300.npz", "CC")[:12]
+    result = finetune(tiny_model, data, "CC", new_fidelity=True, strategy="embedding", settings=FAST,
+                      aliases={"gold": "CC"}, log=lambda *a: None)
+    path = save_finetuned(result, tmp_path / "ft")
+    assert result.forcefield.fidelities == ["low", "mid", "high", "CC"]
+    before = predictions(tiny_model, ["low", "mid", "high"])
+    after = predictions(path, ["low", "mid", "high"])
+    for fid in before:
+        assert after[fid][0] == before[fid][0]
+        np.testing.assert_array_equal(after[fid][1], before[fid][1])
+    # the reference energies were refitted: the new fidelity lands near the CCSD(T) energies
+    calc = MFCalculator(path, fidelity="gold", device="cpu")
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = calc
+    assert abs(atoms.get_potential_energy() - np.mean([s.energy for s in data])) < 5.0
+    assert result.report["val"] >= 2 and result.report["strategy"] == "embedding"
+
+
+def test_full_strategy_with_replay_reports_drift(tiny_model, tmp_path):
+    data = read_gdml_npz(DATA / "ethanol_ccsd_t-300.npz", "high")[:6]  # < 10 points: k-fold
+    replay = read_extxyz(DATA / "ethanol_rmd17_pbe_def2svp-train1000.xyz", "low", index=":20")
+    result = finetune(tiny_model, data, "high", strategy="full", replay=replay[:15], replay_val=replay[15:],
+                      settings=FAST, log=lambda *a: None)
+    drift = result.report["drift"]
+    assert set(drift) == {"low"}
+    assert drift["low"]["forces_mae_before"] > 0 and drift["low"]["forces_mae_after"] > 0
+    assert result.report["train"] == 6 and result.report["val"] == 0
+
+
+def test_bad_finetune_requests(tiny_model):
+    data = read_gdml_npz(DATA / "ethanol_ccsd_t-300.npz", "CC")[:3]
+    with pytest.raises(ValueError, match=r"fidelity 'CC' is not in the base model .*new_fidelity=True"):
+        finetune(tiny_model, data, "CC")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        finetune(tiny_model, data, "CC", new_fidelity=True, strategy="lora")
+    with pytest.raises(ValueError, match="already exists"):
+        finetune(tiny_model, [s.__class__(**{**s.__dict__, "fidelity": "low"}) for s in data], "low", new_fidelity=True)
