@@ -57,3 +57,15 @@ def median_time(fn, repeats: int = 7, number: int = 20, warmup: int = 5) -> floa
             fn()
         samples.append((time.perf_counter() - start) / number)
     return float(np.median(samples))
+
+
+def available_backends():
+    """Neighbor-list backends importable here (torch-cluster is optional)."""
+    backends = ["dense", "vesin"]
+    try:
+        import torch_cluster  # noqa: F401
+
+        backends.append("torch-cluster")
+    except ImportError:
+        pass
+    return backends

@@ -24,7 +24,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import aspirin, ethanol, median_time, water_box  # noqa: E402
+from common import aspirin, available_backends, ethanol, median_time, water_box  # noqa: E402
 
 from mfcalc import MFCalculator  # noqa: E402
 from mfcalc.calculator import exact_changes  # noqa: E402
@@ -68,13 +68,7 @@ def main():
     parser.add_argument("--out", default="md_speed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    backends = ["dense", "vesin"]
-    try:
-        import torch_cluster  # noqa: F401
-
-        backends.append("torch-cluster")
-    except ImportError:
-        pass
+    backends = available_backends()
     peers = {}
     if not args.no_peers:
         from peers import PEERS

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_time, water_box  # noqa: E402
+from common import available_backends, median_time, water_box  # noqa: E402
 
 from mfcalc.neighbors import neighbor_list  # noqa: E402
 
@@ -25,13 +25,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    backends = ["dense", "vesin"]
-    try:
-        import torch_cluster  # noqa: F401
-
-        backends.append("torch-cluster")
-    except ImportError:
-        pass
+    backends = available_backends()
     rows = []
     big = water_box(1000)
     for periodic in (False, True):

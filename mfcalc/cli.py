@@ -18,6 +18,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         overrides["steps_per_epoch"] = args.steps_per_epoch
     if args.max_minutes is not None:
         overrides["max_minutes"] = args.max_minutes
+    if args.meta is not None:
+        overrides["meta"] = args.meta
     run_recipe(args.recipe, output=args.output, overrides=overrides, resume=args.resume)
 
 
@@ -162,6 +164,20 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
             print(f"| {name} | {f_text} | {1000 * row['energy_mae_before']:.2f} | {1000 * row['energy_mae_after']:.2f} |")
 
 
+def _cmd_label(args: argparse.Namespace) -> None:
+    from ase.io import read
+
+    from .label import label
+
+    structures = read(args.structures, index=":")
+    labelled = label(structures, args.method, args.out, forces=args.forces, fidelity=args.fidelity,
+                     charge=args.charge, spin=args.spin, workers=args.workers,
+                     threads_per_worker=args.threads)
+    print(f"{len(labelled)} of {len(structures)} structures labelled at {args.method} in {args.out}")
+    if len(labelled) < len(structures):
+        raise RuntimeError(f"{len(structures) - len(labelled)} structures failed; run again to retry them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfcalc", description="multi-fidelity ML potentials")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--max-minutes", type=float)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
+    p.add_argument("--meta", choices=["none", "reptile"], help="meta-learned pretraining (fidelities as tasks)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="write a TorchScript model file from a checkpoint")
@@ -182,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aliases", help='JSON, e.g. \'{"CCSD(T)": "CCSD(T)/cc-pVTZ"}\'')
     p.add_argument("--default-fidelity")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("label", help="quantum-chemistry labels with PySCF (resumable)")
+    p.add_argument("structures", help="any file ASE reads; every frame is labelled")
+    p.add_argument("--method", required=True, help='METHOD/BASIS, e.g. "CCSD(T)/cc-pVDZ", "PBE/def2-SVP"')
+    p.add_argument("--forces", action="store_true", help="analytic gradients too")
+    p.add_argument("--out", required=True, help="extxyz, appended one finished structure at a time")
+    p.add_argument("--fidelity", help="fidelity name written to the records (default: the method)")
+    p.add_argument("--charge", type=int, default=0)
+    p.add_argument("--spin", type=int, default=0, help="2S (number of unpaired electrons)")
+    p.add_argument("--workers", type=int, default=1, help="structures computed in parallel")
+    p.add_argument("--threads", type=int, default=1, help="PySCF threads per worker")
+    p.set_defaults(func=_cmd_label)
 
     p = sub.add_parser("finetune", help="fine-tune a model on a few new points, keeping every fidelity")
     p.add_argument("base", help="model name, exported .pt or checkpoint")

@@ -29,14 +29,15 @@ class Structure:
 
 def read_extxyz(
     path: Union[str, Path],
-    fidelity: str,
+    fidelity: Optional[str] = None,
     energy_unit: str = "eV",
     energy_key: str = "energy",
     forces_key: Optional[str] = "forces",
     index: str = ":",
 ) -> List[Structure]:
     """Extended XYZ. Energies and forces in ``energy_unit`` (and ``energy_unit``/Å), converted
-    to eV. ``forces_key=None`` (or frames without forces) gives energy-only records."""
+    to eV. ``forces_key=None`` (or frames without forces) gives energy-only records.
+    ``fidelity=None`` takes each frame's ``fidelity`` info key (as `mfcalc label` writes it)."""
     from ase.io import read
 
     factor = energy_to_ev(energy_unit)
@@ -59,11 +60,14 @@ def read_extxyz(
                 forces = atoms.arrays[forces_key]
             elif forces_key in calc_results:
                 forces = calc_results[forces_key]
+        level = fidelity if fidelity is not None else atoms.info.get("fidelity")
+        if level is None:
+            raise KeyError(f"{path}: frame {k} has no 'fidelity' info key; pass fidelity=...")
         out.append(
             Structure(
                 numbers=atoms.numbers.astype(np.int64),
                 positions=atoms.positions.astype(np.float64),
-                fidelity=fidelity,
+                fidelity=str(level),
                 energy=float(energy) * factor,
                 forces=None if forces is None else np.asarray(forces, np.float64) * factor,
                 cell=atoms.cell.array.astype(np.float64),

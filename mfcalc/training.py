@@ -220,6 +220,54 @@ class TrainSettings:
     seed: int = 0
     dtype: str = "float32"
     grad_clip: float = 10.0
+    # meta-learning: "reptile" treats every fidelity as a task (inner Adam steps on one task,
+    # outer step of size outer_lr towards the adapted weights, annealed with the cosine schedule)
+    meta: str = "none"
+    inner_steps: int = 5
+    inner_lr: float = 1e-3
+    outer_lr: float = 0.5
+
+
+def _batch_loss(forcefield, batch, fid_weight, settings, dtype):
+    out = forcefield(
+        batch["positions"], batch["numbers"], batch["cell"], batch["edge_index"],
+        batch["shifts"], batch["fidelity"], batch["batch"], True, False,
+    )
+    terms = loss_terms(out, batch)
+    w_struct = fid_weight[batch["fidelity"]]
+    w_atom = w_struct[batch["batch"]]
+    e_loss = (terms["energy"].to(dtype) * w_struct).mean()
+    f_loss = (terms["forces"] * w_atom).sum() / batch["has_forces"].sum().clamp(min=1)
+    loss = settings.energy_weight * e_loss + settings.forces_weight * f_loss
+    return out, e_loss, f_loss, loss
+
+
+def _reptile_step(forcefield, graphs, task_members, rng, settings, lr_factor, fid_weight, dtype, parameters, world):
+    """One outer Reptile step (Nichol et al. 2018; Allen et al. 2024 for fidelities as tasks):
+    adapt a copy of the weights to one task with a few Adam steps, then move the shared weights
+    a fraction of the way towards the adapted ones. Under torchrun the moves are averaged."""
+    tasks = list(task_members)
+    task = tasks[rng.integers(len(tasks))]
+    start = [p.detach().clone() for p in parameters]
+    inner = torch.optim.Adam(parameters, lr=settings.inner_lr)
+    for _ in range(settings.inner_steps):
+        picks = rng.choice(task_members[task], size=settings.batch_size)
+        batch = collate([graphs[i] for i in picks], dtype)
+        out, e_loss, f_loss, loss = _batch_loss(forcefield, batch, fid_weight, settings, dtype)
+        inner.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+        inner.step()
+    with torch.no_grad():
+        deltas = [p - p0 for p, p0 in zip(parameters, start)]
+        if world > 1:
+            flat = torch.cat([d.reshape(-1) for d in deltas])
+            torch.distributed.all_reduce(flat)
+            flat /= world
+            deltas = list(torch.split(flat, [d.numel() for d in deltas]))
+        for p, p0, d in zip(parameters, start, deltas):
+            p.copy_(p0 + settings.outer_lr * lr_factor * d.view_as(p0))
+    return out, batch, e_loss, f_loss
 
 
 def distributed_rank_world() -> Tuple[int, int]:
@@ -309,6 +357,13 @@ def train(
     else:
         probabilities = np.asarray(sample_weights, float) / np.sum(sample_weights)
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.meta not in ("none", "reptile"):
+        raise ValueError(f"meta must be 'none' or 'reptile', got {settings.meta!r}")
+    # Reptile tasks: one per fidelity present in the training data
+    task_members = {
+        f: np.array([i for i, g in enumerate(train_graphs) if g.fidelity == f])
+        for f in sorted({g.fidelity for g in train_graphs})
+    }
     total_steps = settings.epochs * settings.steps_per_epoch
 
     best = {"score": math.inf, "epoch": -1, "state": copy.deepcopy(ema.state_dict())}
@@ -344,24 +399,21 @@ def train(
             )
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * lr_factor
-            picks = rng.choice(len(train_graphs), size=settings.batch_size, p=probabilities)
-            batch = collate([train_graphs[i] for i in picks], dtype)
-            out = forcefield(
-                batch["positions"], batch["numbers"], batch["cell"], batch["edge_index"],
-                batch["shifts"], batch["fidelity"], batch["batch"], True, False,
-            )
-            terms = loss_terms(out, batch)
-            w_struct = fid_weight[batch["fidelity"]]
-            w_atom = w_struct[batch["batch"]]
-            e_loss = (terms["energy"].to(dtype) * w_struct).mean()
-            f_loss = (terms["forces"] * w_atom).sum() / batch["has_forces"].sum().clamp(min=1)
-            loss = settings.energy_weight * e_loss + settings.forces_weight * f_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                _average_gradients(parameters, world)
-            torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-            optimizer.step()
+            if settings.meta == "reptile":
+                out, batch, e_loss, f_loss = _reptile_step(
+                    forcefield, train_graphs, task_members, rng, settings, lr_factor, fid_weight, dtype,
+                    parameters, world,
+                )
+            else:
+                picks = rng.choice(len(train_graphs), size=settings.batch_size, p=probabilities)
+                batch = collate([train_graphs[i] for i in picks], dtype)
+                out, e_loss, f_loss, loss = _batch_loss(forcefield, batch, fid_weight, settings, dtype)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if world > 1:
+                    _average_gradients(parameters, world)
+                torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+                optimizer.step()
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), forcefield.parameters()):
                     p_ema.lerp_(p, 1 - settings.ema_decay)

@@ -117,3 +117,18 @@ def test_torchrun_two_processes_hold_identical_weights(tmp_path):
     assert ranks["world_size"] == 2
     assert ranks["checksums"][0] == ranks["checksums"][1]
     assert (tmp_path / "ddp" / "model.pt").exists()
+
+
+def test_reptile_meta_learning_runs_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    recipe = _smoke_recipe(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "mfcalc.cli", "train", str(recipe), "-o", str(tmp_path / "meta"), "--meta", "reptile"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    card = json.loads((tmp_path / "meta" / "card.json").read_text())
+    assert card["training_settings"]["meta"] == "reptile"
+    assert set(card["test_errors"]) == {"PBE+TS", "PBE/def2-SVP", "CCSD(T)/cc-pVTZ"}
