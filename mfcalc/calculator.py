@@ -75,6 +75,8 @@ class MFCalculator(Calculator):
     device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``.
     dtype: ``"float32"``, ``"float64"`` or None for the dtype the model was exported in.
     neighbor_list: ``"auto"``, ``"dense"``, ``"vesin"`` or ``"torch-cluster"``.
+    compile: run the network through ``torch.compile`` instead of TorchScript (opt-in: the
+        first calls take tens of seconds to compile; see benchmarks/md_speed.py).
 
     Properties: energy, free_energy (= energy), energies (per atom), forces, and stress for
     periodic cells, in eV and Å. ``calc.fidelity = "..."`` switches level of theory.
@@ -89,6 +91,7 @@ class MFCalculator(Calculator):
         device: Union[str, torch.device] = "auto",
         dtype: Union[None, str, torch.dtype] = None,
         neighbor_list: str = "auto",
+        compile: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -97,6 +100,8 @@ class MFCalculator(Calculator):
         self.device = _parse_device(device)
         self.module, self.metadata = load_model(model, self.device, _parse_dtype(dtype))
         self.dtype = next(self.module.parameters()).dtype
+        if compile:
+            self.module = self._compiled(self.module)
         self.neighbor_backend = neighbor_list
         self.fidelities: List[str] = list(self.metadata["fidelities"])
         self.aliases: Dict[str, str] = dict(self.metadata.get("aliases", {}))
@@ -105,6 +110,16 @@ class MFCalculator(Calculator):
         self._fidelity_index = -1
         self.fidelity = self.metadata["default_fidelity"] if fidelity is None else fidelity
         self._checked_structure: Optional[tuple] = None
+
+    def _compiled(self, scripted):
+        """The same force path in eager mode with the network compiled by torch.compile
+        (inductor): fewer, fused kernels. The first calls compile (tens of seconds)."""
+        from .modelfile import build_forcefield
+
+        eager = build_forcefield(self.metadata["config"], scripted.state_dict())
+        eager = eager.to(self.device, self.dtype).eval()
+        eager.model = torch.compile(eager.model)
+        return eager
 
     # ------------------------------------------------------------------ fidelity
     def resolve_fidelity(self, name: str) -> str:

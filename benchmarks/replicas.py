@@ -1,0 +1,97 @@
+"""Replica MD throughput: R ethanol replicas advanced together by mfcalc.ReplicaMD (one batched
+force call per step) versus R independent ASE Velocity-Verlet runs one after another.
+
+    python benchmarks/replicas.py [--replicas 1 4 16 64 256] [--dtype float32]
+
+Prints atom-steps per second and the speed-up, writes benchmarks/results/replicas.md and a PNG
+of the scaling curve.
+"""
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import units
+from ase.build import molecule
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mfcalc import MFCalculator, ReplicaMD  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n_atoms = 9
+
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)", dtype=args.dtype, device="cpu")
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    dyn = VelocityVerlet(atoms, 0.5 * units.fs)
+    dyn.run(20)
+    start = time.perf_counter()
+    dyn.run(args.steps * 4)
+    ase_step = (time.perf_counter() - start) / (args.steps * 4)
+    ase_rate = n_atoms / ase_step  # atom-steps per second, any number of sequential runs
+    print(f"ASE, one run after another: {1000 * ase_step:.2f} ms per step, {ase_rate:,.0f} atom-steps/s")
+
+    rows = []
+    for r in args.replicas:
+        replicas = []
+        for k in range(r):
+            a = molecule("CH3CH2OH")
+            MaxwellBoltzmannDistribution(a, temperature_K=300, rng=np.random.default_rng(k))
+            replicas.append(a)
+        md = ReplicaMD("ethanol-mf", replicas, fidelity="CCSD(T)", friction=0.0, dtype=args.dtype, device="cpu")
+        md.run(10)
+        start = time.perf_counter()
+        md.run(args.steps)
+        step = (time.perf_counter() - start) / args.steps
+        rate = r * n_atoms / step
+        rows.append((r, 1000 * step, rate, rate / ase_rate))
+        print(f"{r:4d} replicas: {1000 * step:8.2f} ms per step, {rate:12,.0f} atom-steps/s, {rate / ase_rate:6.1f}x ASE")
+    lines = [
+        "# Replica MD throughput: ethanol, ethanol-mf at CCSD(T)",
+        "",
+        f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, CPU, {args.dtype}. "
+        f"Baseline: ASE Velocity Verlet with MFCalculator, {1000 * ase_step:.2f} ms per step "
+        f"({ase_rate:,.0f} atom-steps/s, the same for any number of runs done one after another).",
+        "",
+        "| replicas | ms per step (all replicas) | atom-steps/s | speed-up vs sequential ASE |",
+        "|---|---|---|---|",
+    ] + [f"| {r} | {ms:.2f} | {rate:,.0f} | {x:.1f}x |" for r, ms, rate, x in rows]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "replicas.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r[0] for r in rows], [r[2] for r in rows], "o-", label="mfcalc ReplicaMD")
+    ax.axhline(ase_rate, color="k", ls="--", label="ASE, sequential runs")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("replicas")
+    ax.set_ylabel("atom-steps per second")
+    ax.legend()
+    ax.set_title(f"ethanol replica MD, CPU {args.threads} threads, {args.dtype}")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "replicas.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
