@@ -75,6 +75,27 @@ def add_fidelity(forcefield: ForceField, name: str, like: int) -> ForceField:
     return grown
 
 
+def add_elements(forcefield: ForceField, elements: Sequence[int]) -> ForceField:
+    """A copy of ``forcefield`` that also knows ``elements``: each new element's embedding
+    starts as the mean of the known ones, its reference energies at zero (refitted later)."""
+    config = dict(forcefield.model.config)
+    old = list(config["elements"])
+    config["elements"] = sorted(set(old) | {int(z) for z in elements})
+    grown = build_forcefield(config).to(next(forcefield.parameters()).dtype)
+    state = forcefield.state_dict()
+    where = [config["elements"].index(z) for z in old]
+    for key, value in grown.state_dict().items():
+        if key == "model.species_embedding.weight":
+            value[:] = state[key].mean(dim=0)
+            value[where] = state[key]
+        elif key == "model.e0":
+            value.zero_()
+            value[:, where] = state[key]
+        elif key != "species_of_z":
+            value.copy_(state[key])
+    return grown
+
+
 def closest_fidelity(forcefield: ForceField, graphs, candidates: Sequence[int]) -> int:
     """The existing fidelity whose forces (or, without forces, energies after a constant shift)
     best match the new data."""
@@ -121,6 +142,12 @@ def finetune(
     if wrong:
         raise ValueError(f"every fine-tuning record must be at fidelity {fidelity!r}; found {sorted(wrong)}")
     forcefield, meta = load_base(base)
+    new_elements = sorted({int(z) for s in data for z in s.numbers} - set(forcefield.elements))
+    if new_elements:
+        from ase.data import chemical_symbols
+
+        log(f"adding element(s) {[chemical_symbols[z] for z in new_elements]} to the model")
+        forcefield = add_elements(forcefield, new_elements)
     old_fidelities = list(forcefield.fidelities)
     if new_fidelity:
         graphs = to_graphs([replace(s, fidelity=old_fidelities[0]) for s in data], old_fidelities, forcefield.cutoff)

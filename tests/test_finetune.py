@@ -64,3 +64,22 @@ def test_bad_finetune_requests(tiny_model):
         finetune(tiny_model, data, "CC", new_fidelity=True, strategy="lora")
     with pytest.raises(ValueError, match="already exists"):
         finetune(tiny_model, [s.__class__(**{**s.__dict__, "fidelity": "low"}) for s in data], "low", new_fidelity=True)
+
+
+def test_a_new_element_joins_without_changing_the_others(tiny_model, forcefield_factory):
+    from ase.build import molecule as build
+
+    from mfcalc.finetune import add_elements, load_base
+
+    forcefield, _ = load_base(tiny_model)
+    grown = add_elements(forcefield, [7])  # N sits between C and O in the element order
+    assert grown.elements == [1, 6, 7, 8, 14]
+    atoms = build("CH3CH2OH")
+    import torch
+
+    args = (torch.tensor(atoms.positions), torch.tensor(atoms.numbers), torch.zeros(3, 3, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.bool))
+    for f in range(3):
+        a = forcefield.eval().compute(*args, f)
+        b = grown.eval().compute(*args, f)
+        assert float(a["energy"]) == pytest.approx(float(b["energy"]), abs=1e-10)
