@@ -79,11 +79,12 @@ def main():
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--out", default=str(RESULTS / "data_efficiency.json"))
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.seeds, args.steps, args.joint_steps, args.pretrain_steps = [10], [0], 40, 40, 40
     model_options = {"features": args.features, "layers": 3}
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     dft, cc_train, cc_val, cc_test = load()
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -150,8 +150,16 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         replay = [splits["train"][i] for i in rng.permutation(len(splits["train"]))[: args.replay_size]]
         replay_val = splits["val"]
     aliases = json.loads(args.aliases) if args.aliases else None
+    from .training import TrainSettings
+
+    settings = TrainSettings(
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=0.0, ema_decay=0.95 if args.epochs * args.steps_per_epoch < 5000 else 0.995,
+        patience=max(10, args.epochs // 4), energy_weight=100.0, seed=args.seed,
+    )
     result = finetune(args.base, data, args.fidelity, new_fidelity=args.new_fidelity, strategy=args.strategy,
-                      replay=replay, replay_val=replay_val, replay_fraction=args.replay_fraction, aliases=aliases)
+                      replay=replay, replay_val=replay_val, replay_fraction=args.replay_fraction, aliases=aliases,
+                      settings=settings, seed=args.seed)
     path = save_finetuned(result, args.output)
     print(f"wrote {path}: fidelities {result.forcefield.fidelities}")
     drift = result.report["drift"]
@@ -176,6 +184,30 @@ def _cmd_label(args: argparse.Namespace) -> None:
     print(f"{len(labelled)} of {len(structures)} structures labelled at {args.method} in {args.out}")
     if len(labelled) < len(structures):
         raise RuntimeError(f"{len(structures) - len(labelled)} structures failed; run again to retry them")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .finetune import load_base
+    from .recipe import load_datasets, read_recipe
+    from .training import evaluate, to_graphs
+
+    forcefield, _ = load_base(args.model)
+    recipe_path = Path(args.recipe).resolve()
+    structures = load_datasets(read_recipe(recipe_path), recipe_path.parent)[args.split]
+    known = set(forcefield.fidelities)
+    structures = [s for s in structures if s.fidelity in known]
+    errors = evaluate(forcefield, to_graphs(structures, forcefield.fidelities, forcefield.cutoff), forcefield.fidelities)
+    if args.json:
+        print(json.dumps(errors, indent=1))
+        return
+    print(f"{args.split} split of {recipe_path.name}, model {args.model}")
+    print("| fidelity | n | energy MAE (meV) | energy RMSE (meV) | forces MAE (meV/Å) | forces RMSE (meV/Å) |")
+    print("|---|---|---|---|---|---|")
+    for name, e in errors.items():
+        f = f"{1000 * e['forces_mae']:.1f} | {1000 * e['forces_rmse']:.1f}" if "forces_mae" in e else "- | -"
+        print(f"| {name} | {e['n']} | {1000 * e['energy_mae']:.2f} | {1000 * e['energy_rmse']:.2f} | {f} |")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,8 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-size", type=int, default=500)
     p.add_argument("--replay-fraction", type=float, default=0.3)
     p.add_argument("--aliases", help='JSON, e.g. \'{"CC": "CCSD(T)/cc-pVDZ"}\'')
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--steps-per-epoch", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="per-fidelity errors of a model on a recipe's split")
+    p.add_argument("model")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("info", help="fidelities, elements, cutoff and test errors of a model")
     p.add_argument("model")

@@ -126,13 +126,16 @@ def finetune(
     settings: Optional[TrainSettings] = None,
     aliases: Optional[Dict[str, str]] = None,
     seed: int = 0,
+    refit_reference_energies: Optional[bool] = None,
     log=print,
 ) -> FinetuneResult:
     """Fine-tune ``base`` on ``data`` (all at ``fidelity``). See the module docstring.
 
     ``replay``/``replay_val``: structures of the old fidelities, replayed during training and
     used for the drift report. With fewer than 10 points the number of epochs is chosen by
-    k-fold cross-validation and the final model is trained on all points.
+    k-fold cross-validation and the final model is trained on all points. The reference energies
+    of ``fidelity`` are refitted on the new points when it is new (default), and kept when it
+    already exists: its references then come from far more data than a few new points.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
@@ -165,8 +168,9 @@ def finetune(
         patience=15, seed=seed, energy_weight=100.0,
     )
     before = _drift_errors(forcefield, replay_val)
-    shift = refit_reference(forcefield, to_graphs(data, forcefield.fidelities, forcefield.cutoff), index)
-    log(f"reference energies of {fidelity!r} shifted by {np.round(shift.numpy(), 4).tolist()} eV per element")
+    if new_fidelity if refit_reference_energies is None else refit_reference_energies:
+        shift = refit_reference(forcefield, to_graphs(data, forcefield.fidelities, forcefield.cutoff), index)
+        log(f"reference energies of {fidelity!r} shifted by {np.round(shift.numpy(), 4).tolist()} eV per element")
 
     n = len(data)
     if n < 10:
