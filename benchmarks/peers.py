@@ -25,6 +25,8 @@ _TMP = Path(tempfile.mkdtemp(prefix="mfcalc-peers-"))
 
 def make_mace(dtype: str = "float32"):
     """MACE-OFF 'small' hyper-parameters: 96x0e, L=0, r=4.5 Å, 2 interactions, correlation 3."""
+    # e3nn 0.4.4 torch.loads its own constants file, which holds `slice` objects
+    torch.serialization.add_safe_globals([slice])
     from e3nn import o3
     from mace import modules
     from mace.calculators import MACECalculator
@@ -41,9 +43,7 @@ def make_mace(dtype: str = "float32"):
         atomic_inter_scale=1.0, atomic_inter_shift=0.0,
     )
     torch.set_default_dtype(torch.float32)
-    path = _TMP / f"mace-small-{dtype}.model"
-    torch.save(model, path)
-    return MACECalculator(model_paths=str(path), device="cpu", default_dtype=dtype)
+    return MACECalculator(models=model, device="cpu", default_dtype=dtype)
 
 
 def make_schnetpack(dtype: str = "float32"):
@@ -68,6 +68,16 @@ def make_schnetpack(dtype: str = "float32"):
     )
     path = _TMP / f"schnetpack-painn-{dtype}.pt"
     torch.save(model, path)
+    original_load = torch.load
+    # schnetpack loads the whole pickled module; torch >= 2.6 defaults to weights_only=True
+    torch.load = lambda *a, **k: original_load(*a, **{**k, "weights_only": False})
+    try:
+        return _schnetpack_calculator(spk, trn, path, cutoff, dtype)
+    finally:
+        torch.load = original_load
+
+
+def _schnetpack_calculator(spk, trn, path, cutoff, dtype):
     return spk.interfaces.SpkCalculator(
         model_file=str(path), neighbor_list=trn.MatScipyNeighborList(cutoff=cutoff), energy_key="energy",
         force_key="forces", energy_unit="eV", position_unit="Ang", device="cpu", dtype=getattr(torch, dtype),
