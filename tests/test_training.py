@@ -132,3 +132,27 @@ def test_reptile_meta_learning_runs_from_the_command_line(tmp_path):
     card = json.loads((tmp_path / "meta" / "card.json").read_text())
     assert card["training_settings"]["meta"] == "reptile"
     assert set(card["test_errors"]) == {"PBE+TS", "PBE/def2-SVP", "CCSD(T)/cc-pVTZ"}
+
+
+def test_ase_db_and_transition1x_loaders(tmp_path):
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.db import connect
+
+    from mfcalc.data import read_ase_db, read_transition1x_json
+
+    db_path = tmp_path / "set.db"
+    with connect(str(db_path)) as db:
+        for k in range(3):
+            atoms = molecule("H2O")
+            atoms.calc = SinglePointCalculator(atoms, energy=-10.0 * (k + 1), forces=np.full((3, 3), 0.5))
+            db.write(atoms)
+    records = read_ase_db(db_path, "lo", energy_unit="kcal/mol")
+    assert len(records) == 3 and records[1].energy == pytest.approx(-20.0 * KCAL_PER_MOL_TO_EV)
+    assert records[0].forces[0, 0] == pytest.approx(0.5 * KCAL_PER_MOL_TO_EV)
+    root = Path(__file__).resolve().parent.parent / "data" / "transition1x_ccsd"
+    cc = read_transition1x_json(root / "ccsd_tz_rxn0103.json", "CCSD/cc-pVTZ")
+    dft = read_transition1x_json(root / "ccsd_tz_rxn0103.json", "wB97x/6-31G(d)", energy_key="wB97x.energy")
+    assert len(cc) == len(dft) == 252 and cc[0].forces is None
+    assert cc[0].energy == pytest.approx(-8760.856897027214)
+    assert len(read_transition1x_json(root / "ccsd_dz_rxn1961.json", "CCSD/cc-pVDZ")) == 268
