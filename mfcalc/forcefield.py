@@ -83,7 +83,7 @@ class ForceField(nn.Module):
                 n_structures, dtype=energies.dtype, device=energies.device
             ).index_add(0, batch, energies)
         out: Dict[str, Tensor] = {"energy": energy, "energies": energies}
-        if edge_index.shape[1] > 0:  # lets callers warn about atoms on top of each other
+        if not self.training and edge_index.shape[1] > 0:  # lets callers warn about close atoms
             out["min_distance"] = torch.sqrt((vectors * vectors).sum(dim=1).min()).detach()
         if compute_forces or compute_stress:
             grads = torch.autograd.grad(

@@ -16,6 +16,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from .calculator import MFCalculator
+from .neighbors import pick_backend
 
 
 def _as_calculator(model, fidelity, device, dtype) -> MFCalculator:
@@ -34,8 +35,8 @@ def batch_pairs(calc: MFCalculator, positions: torch.Tensor, structures: Sequenc
         cell = torch.tensor(atoms.cell.array, dtype=calc.dtype, device=calc.device)
         pbc = torch.tensor(atoms.pbc, device=calc.device)
         backend = calc.neighbor_backend
-        if backend in ("auto", "torch-cluster"):
-            backend = "dense" if n <= 96 or calc.device.type == "cuda" else "vesin"
+        if backend in ("auto", "torch-cluster"):  # the model file holds dense and vesin only
+            backend = pick_backend(n, calc.device)
         e, s = calc.module.neighbor_list(positions[start : start + n], cell, pbc, backend)
         edges.append(e + offset)
         shifts.append(s)
