@@ -118,6 +118,10 @@ def run_recipe(
         torch.distributed.all_gather_object(sums, checksum(forcefield))
         if rank == 0:
             (out_dir / "ranks.json").write_text(json.dumps({"world_size": world, "checksums": sums}))
+        # leave the group together: a rank that exits with gloo's threads still running aborts
+        # ("terminate called without an active exception") and torchrun then kills rank 0 too
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
         if rank != 0:
             return {}
 
