@@ -20,7 +20,6 @@ import torch
 from ase import units
 from ase.calculators.calculator import Calculator, all_changes
 from ase.md.verlet import VelocityVerlet
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,6 +27,7 @@ from common import aspirin, available_backends, ethanol, median_time, water_box 
 
 from mfcalc import MFCalculator  # noqa: E402
 from mfcalc.calculator import exact_changes  # noqa: E402
+from mfcalc.workflows import thermalize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -56,7 +56,7 @@ def ms_per_step(atoms, calc, steps: int, repeats: int, timestep: float = 0.5) ->
     atoms.calc = calc
     if timestep < 0.1:  # a cost probe: heavy atoms barely move, the work per step is unchanged
         atoms.set_masses(atoms.get_masses() * 1e4)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize(atoms, 300, np.random.default_rng(0))
     dyn = VelocityVerlet(atoms, timestep * units.fs)
     warmup = 20 if len(atoms) < 100 else 3  # TorchScript optimises a function after its first calls
     return 1000 * median_time(lambda: dyn.run(1), repeats=repeats, number=steps, warmup=warmup)

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from ase import units
 from ase.build import molecule
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mfcalc import MFCalculator, ReplicaMD  # noqa: E402
+from mfcalc.workflows import thermalize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,7 +38,7 @@ def main():
 
     atoms = molecule("CH3CH2OH")
     atoms.calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)", dtype=args.dtype, device="cpu")
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize(atoms, 300, np.random.default_rng(0))
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
     dyn.run(20)
     start = time.perf_counter()
@@ -52,7 +52,7 @@ def main():
         replicas = []
         for k in range(r):
             a = molecule("CH3CH2OH")
-            MaxwellBoltzmannDistribution(a, temperature_K=300, rng=np.random.default_rng(k))
+            thermalize(a, 300, np.random.default_rng(k))
             replicas.append(a)
         md = ReplicaMD("ethanol-mf", replicas, fidelity="CCSD(T)", friction=0.0, dtype=args.dtype, device="cpu")
         md.run(10)

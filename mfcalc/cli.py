@@ -80,6 +80,22 @@ def _cmd_md(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from ase.io import write
+
+    from .sampling import sample
+    from .workflows import read_structure
+
+    frames = sample(
+        read_structure(args.structure), model=args.model, fidelity=args.fidelity, n=args.n,
+        temperature=args.temperature, steps=args.steps, timestep=args.timestep,
+        interval=args.interval, select=args.select, seed=args.seed, dtype=args.dtype, device=args.device,
+    )
+    write(args.out, frames, format="extxyz")
+    print(f"wrote {len(frames)} structures ({args.select} from MD at {frames[0].info['sampled_fidelity']}, "
+          f"{args.temperature:g} K) to {args.out}; label them with: mfcalc label {args.out} --method ...")
+
+
 def _cmd_relax(args: argparse.Namespace) -> None:
     from ase.io import write
 
@@ -288,6 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_md)
+
+    p = sub.add_parser("sample", help="diverse structures to label: MD at a cheap fidelity, farthest-point picks")
+    p.add_argument("model")
+    p.add_argument("structure", help="any file ASE reads, or a molecule name (e.g. CH3CH2OH)")
+    p.add_argument("--fidelity", help="level of theory driving the MD (a cheap one)")
+    p.add_argument("-n", type=int, default=50, help="structures to pick")
+    p.add_argument("--select", choices=["fps", "spread"], default="fps",
+                   help="farthest-point on a structure descriptor, or weighted by cross-fidelity spread")
+    p.add_argument("--temperature", type=float, default=500.0, help="K")
+    p.add_argument("--steps", type=int, help="MD steps (default: a pool of 10 n frames)")
+    p.add_argument("--interval", type=int, default=10, help="MD steps between pool frames")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="extxyz for mfcalc label")
+    p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("relax", help="geometry optimisation with a summary table")
     p.add_argument("structure")

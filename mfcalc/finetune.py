@@ -10,10 +10,9 @@ import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from .data import Structure, count_by_fidelity, split_indices
 from .forcefield import ForceField

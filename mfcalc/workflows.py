@@ -27,6 +27,29 @@ def read_structure(structure: str) -> Atoms:
     )
 
 
+def thermalize(atoms: Atoms, temperature: float, rng: np.random.Generator) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature`` K with zero total momentum."""
+    from ase.md import velocitydistribution as vd
+
+    if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.28
+        vd.thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
+    else:
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    vd.Stationary(atoms)
+
+
+def langevin(atoms: Atoms, timestep: float, temperature: float, friction: float, rng: np.random.Generator):
+    """ASE Langevin (``timestep`` fs, ``friction`` 1/fs) that keeps the centre of mass fixed the
+    way ASE >= 3.28 recommends (a FixCom constraint, not the thermostat's ``fixcm``)."""
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+
+    if not any(isinstance(c, FixCom) for c in atoms.constraints):
+        atoms.set_constraint(list(atoms.constraints) + [FixCom()])
+    return Langevin(atoms, timestep * units.fs, temperature_K=temperature, friction=friction / units.fs,
+                    fixcm=False, rng=rng)
+
+
 def run_md(
     structure, model: str = "ethanol-mf", fidelity: Optional[str] = None,
     temperature: float = 300.0, steps: int = 1000, timestep: float = 0.5,
@@ -35,19 +58,14 @@ def run_md(
 ) -> Atoms:
     """Langevin NVT; writes every ``interval``-th frame to ``out`` and prints progress."""
     from ase.io import Trajectory, write
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
     from .calculator import MFCalculator
 
     atoms = read_structure(structure) if isinstance(structure, str) else structure
     atoms.calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device)
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    Stationary(atoms)
-    dyn = Langevin(
-        atoms, timestep * units.fs, temperature_K=temperature, friction=friction / units.fs, rng=rng
-    )
+    thermalize(atoms, temperature, rng)
+    dyn = langevin(atoms, timestep, temperature, friction, rng)
     out_path = Path(out)
     if out_path.suffix == ".traj":
         traj = Trajectory(str(out_path), "w", atoms)

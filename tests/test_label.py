@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ase import units
 from ase.build import molecule
-from ase.io import read, write
+from ase.io import write
 from ase.md.verlet import VelocityVerlet
 
 pyscf = pytest.importorskip("pyscf")

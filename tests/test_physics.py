@@ -4,7 +4,6 @@ TorchScript == eager, and float32 close to float64."""
 import numpy as np
 import pytest
 import torch
-from ase.build import molecule
 from scipy.spatial.transform import Rotation
 
 from mfcalc import MFCalculator

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from ase import units
 from ase.build import bulk, molecule
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 
 from mfcalc import MFCalculator, ReplicaMD, predict
+from mfcalc.workflows import thermalize
 
 
 def test_batch_equals_one_by_one(tiny_model):
@@ -31,7 +31,7 @@ def test_replica_velocity_verlet_matches_ase(tiny_model, tmp_path):
     replicas = []
     for seed in range(3):
         atoms = molecule("CH3CH2OH")
-        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(seed))  # noqa
+        thermalize(atoms, 300, np.random.default_rng(seed))
         replicas.append(atoms)
     md = ReplicaMD(tiny_model, replicas, fidelity="low", timestep=0.5, friction=0.0, dtype="float64", device="cpu")
     md.run(20, trajectory=str(tmp_path / "rep{k}.traj"), interval=10)

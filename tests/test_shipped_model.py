@@ -10,10 +10,11 @@ import pytest
 from ase import units
 from ase.build import molecule
 from ase.io import read
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
 from mfcalc import MFCalculator
+from mfcalc.workflows import thermalize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +57,7 @@ def test_md_example_runs_the_quick_start(tmp_path):
 def test_nve_conserves_energy():
     atoms = molecule("CH3CH2OH")
     atoms.calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)", dtype="float64")
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(1))
-    Stationary(atoms)
+    thermalize(atoms, 300, np.random.default_rng(1))
     ZeroRotation(atoms)
     dyn = VelocityVerlet(atoms, 0.25 * units.fs)
     energies = []

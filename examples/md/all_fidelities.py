@@ -10,12 +10,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from ase import units
 from ase.build import molecule
-from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from mfcalc import MFCalculator
+from mfcalc.workflows import langevin, thermalize
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=400)
@@ -25,8 +23,8 @@ args = parser.parse_args()
 atoms = molecule("CH3CH2OH")
 calc = MFCalculator("ethanol-mf", fidelity="PBE/def2-SVP")  # MD runs at a cheap-to-trust level
 atoms.calc = calc
-MaxwellBoltzmannDistribution(atoms, temperature_K=500, rng=np.random.default_rng(0))
-dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=500, friction=0.01 / units.fs, rng=np.random.default_rng(1))
+thermalize(atoms, 500, np.random.default_rng(0))
+dyn = langevin(atoms, timestep=0.5, temperature=500, friction=0.01, rng=np.random.default_rng(1))  # fs, K, 1/fs
 
 once = calc.predict_all_fidelities(atoms)
 print("one structure, every fidelity in one batched pass:")

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ase import units
 from ase.build import molecule
 from ase.io import Trajectory
-from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import ZeroRotation
 
 from mfcalc import MFCalculator
+from mfcalc.workflows import langevin, thermalize
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=1000)
@@ -34,10 +33,10 @@ atoms.calc = MFCalculator("ethanol-mf", fidelity=args.fidelity, dtype=args.dtype
 print(f"fidelity {atoms.calc.fidelity}, dtype {args.dtype}, device {atoms.calc.device}")
 
 rng = np.random.default_rng(0)
-MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
-Stationary(atoms)
+thermalize(atoms, args.temperature, rng)  # Maxwell-Boltzmann, zero total momentum
 ZeroRotation(atoms)
-dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=args.temperature, friction=0.01 / units.fs, rng=rng)
+# ASE's Langevin with the centre of mass held by a FixCom constraint: 0.5 fs, friction 0.01/fs
+dyn = langevin(atoms, timestep=0.5, temperature=args.temperature, friction=0.01, rng=rng)
 
 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 times, temperatures, energies = [], [], []

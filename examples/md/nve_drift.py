@@ -10,10 +10,11 @@ import argparse
 import numpy as np
 from ase import units
 from ase.build import molecule
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
 from mfcalc import MFCalculator
+from mfcalc.workflows import thermalize
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=4000)
@@ -24,8 +25,7 @@ args = parser.parse_args()
 
 atoms = molecule("CH3CH2OH")
 atoms.calc = MFCalculator("ethanol-mf", fidelity=args.fidelity, dtype="float64")
-MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0))
-Stationary(atoms)
+thermalize(atoms, args.temperature, np.random.default_rng(0))
 ZeroRotation(atoms)
 dyn = VelocityVerlet(atoms, args.timestep * units.fs)
 t, e = [], []

@@ -14,13 +14,13 @@ import numpy as np
 from ase import units
 from ase.filters import FrechetCellFilter
 from ase.md.nptberendsen import NPTBerendsen
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.optimize import FIRE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from common import water_box  # noqa: E402
 
 from mfcalc import MFCalculator  # noqa: E402
+from mfcalc.workflows import thermalize  # noqa: E402
 
 print("NOTE: no periodic (condensed-phase) model is shipped yet; ethanol-mf is used only to show\n"
       "      the periodic machinery. Energies, stresses and densities here are not physical water.")
@@ -34,7 +34,7 @@ opt.run(fmax=0.05, steps=30)
 print(f"after {opt.nsteps} FIRE steps on positions and cell: volume {atoms.get_volume():.1f} Å^3, "
       f"max stress {np.abs(atoms.get_stress()).max():.4f} eV/Å^3")
 
-MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+thermalize(atoms, 300, np.random.default_rng(0))
 dyn = NPTBerendsen(atoms, 0.5 * units.fs, temperature_K=300, pressure_au=1.0 * units.bar,
                    taut=50 * units.fs, taup=500 * units.fs, compressibility_au=4.57e-5 / units.bar)
 dyn.run(40)
