@@ -32,6 +32,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
     card = json.loads(payload.get("card", "{}"))
     forcefield = build_forcefield(payload["config"], payload["state_dict"])
     meta = {"training_data": card.get("training_data", []), "test_errors": card.get("test_errors", {})}
+    for key in ("aliases", "default_fidelity"):  # the recipe's, kept in the checkpoint's card
+        if key in card:
+            meta[key] = card[key]
     if args.aliases:
         meta["aliases"] = json.loads(args.aliases)
     if args.default_fidelity:

@@ -74,12 +74,15 @@ class Interaction(nn.Module):
         self.filter = nn.Linear(n_basis, 3 * features)
 
     def forward(
-        self, s: Tensor, v: Tensor, edge_index: Tensor, basis: Tensor, unit: Tensor
+        self, s: Tensor, v: Tensor, edge_index: Tensor, basis: Tensor, unit: Tensor,
+        first: bool = False,
     ) -> List[Tensor]:
         i, j = edge_index[0], edge_index[1]
         x = self.phi(s).index_select(0, j) * self.filter(basis)
         ds, dv_v, dv_r = torch.split(x, self.features, dim=-1)
-        dv = v.index_select(0, j) * dv_v.unsqueeze(1) + dv_r.unsqueeze(1) * unit.unsqueeze(2)
+        dv = dv_r.unsqueeze(1) * unit.unsqueeze(2)
+        if not first:  # in the first block v is still zero: skip the (E, 3, F) gather and product
+            dv = dv + v.index_select(0, j) * dv_v.unsqueeze(1)
         s = s.index_add(0, i, ds)
         v = v.index_add(0, i, dv)
         return [s, v]
@@ -152,7 +155,7 @@ class MultiFidelityPaiNN(nn.Module):
         film = torch.chunk(self.film(f), 2 * self.n_layers, dim=-1)
         layer = 0
         for interaction, update in zip(self.interactions, self.updates):
-            s, v = interaction(s, v, edge_index, basis, unit)
+            s, v = interaction(s, v, edge_index, basis, unit, layer == 0)
             s, v = update(s, v)
             if self.use_film:
                 s = s * (1.0 + film[2 * layer]) + film[2 * layer + 1]

@@ -143,6 +143,8 @@ def run_recipe(
         "epochs_run": summary["epochs_run"],
         "test_errors": test_errors,
         "training_data": provenance,
+        "aliases": recipe.get("aliases", {}),
+        "default_fidelity": recipe.get("default_fidelity", fidelities[-1]),
         "date": time.strftime("%Y-%m-%d"),
     }
     save_checkpoint(out_dir / "checkpoint.pt", forcefield, card=json.dumps(card))
@@ -150,8 +152,8 @@ def run_recipe(
         forcefield,
         out_dir / "model.pt",
         metadata={
-            "aliases": recipe.get("aliases", {}),
-            "default_fidelity": recipe.get("default_fidelity", fidelities[-1]),
+            "aliases": card["aliases"],
+            "default_fidelity": card["default_fidelity"],
             "training_data": provenance,
             "test_errors": test_errors,
         },

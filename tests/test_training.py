@@ -156,3 +156,19 @@ def test_ase_db_and_transition1x_loaders(tmp_path):
     assert len(cc) == len(dft) == 252 and cc[0].forces is None
     assert cc[0].energy == pytest.approx(-8760.856897027214)
     assert len(read_transition1x_json(root / "ccsd_dz_rxn1961.json", "CCSD/cc-pVDZ")) == 268
+
+
+def test_exporting_a_trained_checkpoint_keeps_aliases_and_default_fidelity(tmp_path):
+    import subprocess
+    import sys
+
+    recipe = _smoke_recipe(tmp_path, epochs=1)
+    run_recipe(str(recipe), output=str(tmp_path / "run"), log=lambda *a: None)
+    out = tmp_path / "again.pt"
+    run = subprocess.run([sys.executable, "-m", "mfcalc.cli", "export", str(tmp_path / "run" / "checkpoint.pt"),
+                          "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    first, again = read_metadata(tmp_path / "run" / "model.pt"), read_metadata(out)
+    assert again["aliases"] == first["aliases"] and again["aliases"]["CCSD(T)"] == "CCSD(T)/cc-pVTZ"
+    assert again["default_fidelity"] == first["default_fidelity"] == "CCSD(T)/cc-pVTZ"
+    assert again["checksum"] == first["checksum"]
