@@ -147,7 +147,7 @@ def frequencies_phonopy(atoms: Atoms, delta: float = 0.005, box: float = 20.0) -
     molecule.center()
     unit = PhonopyAtoms(symbols=molecule.get_chemical_symbols(), cell=molecule.cell.array,
                         positions=molecule.positions)
-    phonon = Phonopy(unit, supercell_matrix=np.eye(3, dtype=int))
+    phonon = Phonopy(unit, supercell_matrix=np.eye(3, dtype=int), primitive_matrix="P")
     phonon.generate_displacements(distance=delta, is_plusminus=True)
     forces = []
     for displaced in phonon.supercells_with_displacements:
