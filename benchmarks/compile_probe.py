@@ -3,7 +3,15 @@ and with torch.compile of torch.func.grad_and_value of the whole energy (one gra
     python benchmarks/compile_probe.py [threads] [ethanol|aspirin|water]
 Measured 2 threads, ethanol, edges given: script 2.02 ms, compile(model) 2.12 ms, compile(grad_and_value) 0.90 ms
 (first call ~37 s to compile). Not yet wired into MFCalculator (issue #5)."""
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import ethanol, aspirin, water_box
 from mfcalc.modelfile import load_model, build_forcefield
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
