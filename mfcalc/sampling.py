@@ -118,12 +118,15 @@ def sample(
         log.write("\n")
     features = np.array([descriptor(f, cutoff=calc.cutoff) for f in pool])
     features /= max(float(features.std(axis=0).mean()), 1e-12)
-    spreads = [calc.predict_all_fidelities(f) for f in pool] if len(calc.fidelities) > 1 else None
+    several = len(calc.fidelities) > 1
+    if select == "spread" and not several:
+        raise ValueError("select='spread' needs a model with more than one fidelity; use 'fps'")
+    # the cross-fidelity spread of every pool frame is needed to weight the choice ("spread"),
+    # otherwise only for the frames picked (recorded in their info)
+    spreads = {k: calc.predict_all_fidelities(f) for k, f in enumerate(pool)} if select == "spread" else {}
     weights = None
-    if select == "spread":
-        if spreads is None:
-            raise ValueError("select='spread' needs a model with more than one fidelity; use 'fps'")
-        force_spread = np.array([s["forces_spread"].mean() for s in spreads])
+    if spreads:
+        force_spread = np.array([spreads[k]["forces_spread"].mean() for k in range(len(pool))])
         weights = force_spread / force_spread.mean()
     picked = farthest_point(features, n, weights)
     out = []
@@ -133,8 +136,9 @@ def sample(
             sampled_with=str(calc.metadata.get("path", model)), sampled_fidelity=calc.fidelity,
             sampled_temperature_K=float(temperature), selection=select,
         )
-        if spreads is not None:
-            frame.info.update(fidelity_energy_spread_eV=spreads[k]["energy_spread"],
-                              fidelity_forces_spread_eV_per_A=float(spreads[k]["forces_spread"].mean()))
+        if several:
+            spread = spreads[k] if k in spreads else calc.predict_all_fidelities(frame)
+            frame.info.update(fidelity_energy_spread_eV=spread["energy_spread"],
+                              fidelity_forces_spread_eV_per_A=float(spread["forces_spread"].mean()))
         out.append(frame)
     return out

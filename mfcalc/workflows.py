@@ -40,7 +40,8 @@ def thermalize(atoms: Atoms, temperature: float, rng: np.random.Generator) -> No
 
 def langevin(atoms: Atoms, timestep: float, temperature: float, friction: float, rng: np.random.Generator):
     """ASE Langevin (``timestep`` fs, ``friction`` 1/fs) that keeps the centre of mass fixed the
-    way ASE >= 3.28 recommends (a FixCom constraint, not the thermostat's ``fixcm``)."""
+    way ASE >= 3.28 recommends: a FixCom constraint (added to ``atoms`` if missing), not the
+    thermostat's ``fixcm``."""
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
 
