@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from .data import Structure, count_by_fidelity, split_indices
 from .forcefield import ForceField
@@ -173,14 +174,15 @@ def finetune(
 
     n = len(data)
     if n < 10:
-        epochs = _epochs_by_kfold(forcefield, data, replay, replay_fraction, strategy, settings, seed, log)
+        epochs = _epochs_by_kfold(forcefield, data, replay, replay_fraction, strategy, settings, seed, log,
+                                  new_elements)
         train_set, val_set = list(data), []
         settings = replace(settings, epochs=epochs, patience=10**6)
     else:
         n_val = max(2, int(round(val_fraction * n)))
         train_idx, val_idx = split_indices(n, [n - n_val, n_val], seed)
         train_set, val_set = [data[i] for i in train_idx], [data[i] for i in val_idx]
-    result = _train(forcefield, train_set, val_set, replay, replay_fraction, strategy, settings, log)
+    result = _train(forcefield, train_set, val_set, replay, replay_fraction, strategy, settings, log, new_elements)
     after = _drift_errors(forcefield, replay_val)
 
     new_errors = evaluate(forcefield.double(), to_graphs(val_set, forcefield.fidelities, forcefield.cutoff),
@@ -200,7 +202,7 @@ def finetune(
     return FinetuneResult(forcefield.double().eval(), keep, report)
 
 
-def _train(forcefield, train_set, val_set, replay, replay_fraction, strategy, settings, log):
+def _train(forcefield, train_set, val_set, replay, replay_fraction, strategy, settings, log, new_elements=()):
     structures = list(train_set) + list(replay or [])
     weights = None
     if replay:
@@ -208,11 +210,30 @@ def _train(forcefield, train_set, val_set, replay, replay_fraction, strategy, se
             np.full(len(train_set), (1 - replay_fraction) / len(train_set)),
             np.full(len(replay), replay_fraction / len(replay)),
         ])
-    return train(forcefield, structures, val_set, settings, log=log, fit_references=False,
-                 trainable=STRATEGIES[strategy], sample_weights=weights)
+    trainable = list(STRATEGIES[strategy])
+    table = forcefield.model.species_embedding.weight
+    frozen = [i for i, z in enumerate(forcefield.elements) if z not in set(new_elements)]
+    handle = None
+    if new_elements and strategy != "full":
+        # a new element's embedding row starts as the mean of the known ones: it must learn in
+        # every strategy, while the rows of the known elements stay exactly as they were
+        trainable.append("model.species_embedding")
+        keep = table.detach().clone()
+        mask = torch.ones_like(table)
+        mask[frozen] = 0.0
+        handle = table.register_hook(lambda grad: grad * mask.to(grad.dtype))
+    try:
+        return train(forcefield, structures, val_set, settings, log=log, fit_references=False,
+                     trainable=trainable, sample_weights=weights)
+    finally:
+        if handle is not None:
+            handle.remove()
+            with torch.no_grad():  # weight decay or EMA must not have moved the known rows either
+                table[frozen] = keep[frozen].to(table.dtype)
 
 
-def _epochs_by_kfold(forcefield, data, replay, replay_fraction, strategy, settings, seed, log) -> int:
+def _epochs_by_kfold(forcefield, data, replay, replay_fraction, strategy, settings, seed, log,
+                     new_elements=()) -> int:
     k = min(len(data), 5)
     order = np.random.default_rng(seed).permutation(len(data))
     best = []
@@ -221,7 +242,7 @@ def _epochs_by_kfold(forcefield, data, replay, replay_fraction, strategy, settin
         train_idx = np.setdiff1d(order, val_idx)
         trial = copy.deepcopy(forcefield)
         r = _train(trial, [data[i] for i in train_idx], [data[i] for i in val_idx], replay, replay_fraction,
-                   strategy, settings, lambda *a: None)
+                   strategy, settings, lambda *a: None, new_elements)
         best.append(r["best_epoch"] + 1)
     epochs = int(np.median(best))
     log(f"{k}-fold cross-validation on {len(data)} points: best after {best} epochs -> {epochs}")

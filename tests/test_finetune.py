@@ -5,6 +5,7 @@ the old fidelities is measured when weights they share are trained."""
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from ase.build import molecule
 
@@ -83,3 +84,28 @@ def test_a_new_element_joins_without_changing_the_others(tiny_model, forcefield_
         a = forcefield.eval().compute(*args, f)
         b = grown.eval().compute(*args, f)
         assert float(a["energy"]) == pytest.approx(float(b["energy"]), abs=1e-10)
+
+
+def test_a_new_elements_embedding_learns_in_every_strategy(tiny_model):
+    """Under the embedding/readout strategies a new element's row must still train (it starts as
+    the mean of the known rows), while the known elements' rows stay bit-identical."""
+    from mfcalc.data import Structure
+    from mfcalc.finetune import add_elements, load_base
+
+    base, _ = load_base(tiny_model)
+    rng = np.random.default_rng(0)
+    atoms = molecule("CH3CN")  # N: not in the tiny model
+    data = []
+    for _ in range(12):
+        positions = atoms.positions + rng.normal(0, 0.05, atoms.positions.shape)
+        data.append(Structure(positions=positions, numbers=atoms.numbers.copy(), cell=np.zeros((3, 3)),
+                              pbc=np.zeros(3, bool), energy=float(rng.normal(-10, 0.1)),
+                              forces=rng.normal(0, 0.3, positions.shape), fidelity="CC"))
+    result = finetune(tiny_model, data, "CC", new_fidelity=True, strategy="embedding", settings=FAST,
+                      log=lambda *a: None)
+    start = add_elements(base, [7]).model.species_embedding.weight.detach()
+    after = result.forcefield.model.species_embedding.weight.detach()
+    n = result.forcefield.elements.index(7)
+    known = [i for i in range(len(result.forcefield.elements)) if i != n]
+    assert torch.equal(after[known], start[known].to(after.dtype))
+    assert float((after[n] - start[n]).abs().max()) > 1e-4
