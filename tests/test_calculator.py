@@ -99,3 +99,22 @@ def test_backends_give_the_same_answer(tiny_model, silicon_small_cell, backend):
     assert b.get_potential_energy() == pytest.approx(a.get_potential_energy(), abs=1e-10)
     np.testing.assert_allclose(b.get_forces(), a.get_forces(), atol=1e-10)
     np.testing.assert_allclose(b.get_stress(), a.get_stress(), atol=1e-10)
+
+
+def test_compiled_force_path_equals_the_model_file(tiny_model, silicon_small_cell, ethanol):
+    """compile=True (energy + gradient compiled as one graph) gives the numbers of the TorchScript
+    file: a molecule (forces) and a small triclinic cell (forces and stress), over MD-like moves
+    and a changing number of atoms (no recompile per shape: dynamic shapes)."""
+    ref = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu")
+    fast = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu", compile=True)
+    rng = np.random.default_rng(0)
+    for atoms in (ethanol, silicon_small_cell, ethanol[:7]):
+        for _ in range(2):
+            atoms.positions += rng.normal(0, 0.02, atoms.positions.shape)
+            a, b = atoms.copy(), atoms.copy()
+            a.calc, b.calc = ref, fast
+            assert b.get_potential_energy() == pytest.approx(a.get_potential_energy(), abs=1e-9)
+            np.testing.assert_allclose(b.get_forces(), a.get_forces(), atol=1e-9)
+            np.testing.assert_allclose(b.get_potential_energies(), a.get_potential_energies(), atol=1e-9)
+            if atoms.pbc.any():
+                np.testing.assert_allclose(b.get_stress(), a.get_stress(), atol=1e-9)
