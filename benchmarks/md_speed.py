@@ -106,6 +106,11 @@ def main():
                 t = ms_per_step(atoms, calc, steps, repeats, dt)
                 calc._check_structure(atoms)
                 add(name, "mfcalc " + args.model, dtype, f"auto ({calc._backend})" if backend == "auto" else backend, t)
+            calc = MFCalculator(args.model, dtype=dtype, device="cpu", compile=True)
+            ms_per_step(atoms, calc, 1, 1, dt)  # compiles (tens of seconds the first time, cached on disk)
+            calc._check_structure(atoms)
+            add(name, "mfcalc " + args.model + " compile=True", dtype, f"auto ({calc._backend})",
+                ms_per_step(atoms, calc, steps, repeats, dt))
             for peer, make in peers.items():
                 n = max(1, steps // 10) if len(atoms) > 100 else steps
                 add(name, peer, dtype, "own", ms_per_step(atoms, make(dtype), n, max(1, repeats // 2), dt))
@@ -116,15 +121,20 @@ def main():
         "median of repeats after warm-up; peers built at their published sizes with random weights, "
         "in the same process. Lower is better.",
         "",
-        "| system | calculator | dtype | neighbor list | ms/step | mfcalc (auto) speed-up |",
-        "|---|---|---|---|---|---|",
+        "Last two columns, on the peer rows: how many times faster mfcalc is than that peer, with the "
+        "default TorchScript path (neighbor list `auto`) and with `compile=True`.",
+        "",
+        "| system | calculator | dtype | neighbor list | ms/step | speed-up (script) | speed-up (compile=True) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    auto = {(r[0], r[2]): r[4] for r in rows if r[1].startswith("mfcalc") and r[3].startswith("auto")}
+    auto = {(r[0], r[2]): r[4] for r in rows if r[1] == "mfcalc " + args.model and r[3].startswith("auto")}
+    compiled = {(r[0], r[2]): r[4] for r in rows if r[1].endswith("compile=True")}
     for system, calculator, dtype, backend, t in rows:
-        ratio = ""
-        if calculator in peers and (system, dtype) in auto:
-            ratio = f"{t / auto[system, dtype]:.1f}x"
-        lines.append(f"| {system} | {calculator} | {dtype} | {backend} | {t:.2f} | {ratio} |")
+        ratios = ["", ""]
+        if calculator in peers:
+            ratios = [f"{t / table[system, dtype]:.1f}x" if (system, dtype) in table else ""
+                      for table in (auto, compiled)]
+        lines.append(f"| {system} | {calculator} | {dtype} | {backend} | {t:.2f} | {ratios[0]} | {ratios[1]} |")
     table = "\n".join(lines) + "\n"
     print(table)
     RESULTS.mkdir(exist_ok=True)
@@ -139,14 +149,16 @@ def plot(rows, peers, path):
     import matplotlib.pyplot as plt
 
     systems = list(dict.fromkeys(r[0] for r in rows))
-    labels = ["mfcalc (auto)"] + list(peers)
+    labels = ["mfcalc (auto)", "mfcalc compile=True"] + list(peers)
     fig, axes = plt.subplots(1, len(systems), figsize=(4 * len(systems), 3.5))
     for ax, system in zip(np.atleast_1d(axes), systems):
         for k, dtype in enumerate(("float32", "float64")):
             values = []
             for label in labels:
                 match = [r[4] for r in rows if r[0] == system and r[2] == dtype and (
-                    (label == "mfcalc (auto)" and r[1].startswith("mfcalc") and r[3].startswith("auto")) or r[1] == label)]
+                    (label == "mfcalc (auto)" and r[1].startswith("mfcalc") and r[3].startswith("auto")
+                     and not r[1].endswith("compile=True"))
+                    or (label == "mfcalc compile=True" and r[1].endswith("compile=True")) or r[1] == label)]
                 values.append(match[0] if match else np.nan)
             ax.bar(np.arange(len(labels)) + 0.4 * k, values, width=0.4, label=dtype)
         ax.set_xticks(np.arange(len(labels)) + 0.2)

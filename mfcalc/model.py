@@ -34,6 +34,11 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
         "radial_basis": 20,
         "fidelity_dim": 16,
         "fidelity_mode": "film",
+        # the radial filters are multiplied by the cutoff envelope, so a pair's message (the
+        # filter bias included) fades to zero at the cutoff and the energy is continuous there.
+        # Model files from before this option (mfcalc <= 0.3) lack it and read as False: their
+        # energy jumps by ~0.1-0.6 eV when a pair crosses the cutoff (forces stay continuous).
+        "filter_envelope": True,
     }
     unknown = set(overrides) - set(config)
     if unknown:
@@ -49,25 +54,27 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
 
 
 class RadialBasis(nn.Module):
-    """sin(n pi r / rc) / r for n = 1..K, times a cosine cutoff that is 0 (with zero slope) at rc."""
+    """sin(n pi r / rc) / r for n = 1..K, times a cosine cutoff that is 0 (with zero slope) at rc.
+    Returns [basis (E, K), envelope (E, 1)]."""
 
     def __init__(self, n_basis: int, cutoff: float):
         super().__init__()
         self.cutoff = cutoff
         self.register_buffer("freq", torch.arange(1, n_basis + 1) * math.pi / cutoff)
 
-    def forward(self, r: Tensor) -> Tensor:
+    def forward(self, r: Tensor) -> List[Tensor]:
         r = r.unsqueeze(-1)
         envelope = 0.5 * (torch.cos(r * (math.pi / self.cutoff)) + 1.0) * (r < self.cutoff)
-        return torch.sin(r * self.freq) / r * envelope
+        return [torch.sin(r * self.freq) / r * envelope, envelope]
 
 
 class Interaction(nn.Module):
     """Equivariant message from neighbors j to atom i (PaiNN eq. 7-8)."""
 
-    def __init__(self, features: int, n_basis: int):
+    def __init__(self, features: int, n_basis: int, filter_envelope: bool = True):
         super().__init__()
         self.features = features
+        self.filter_envelope = filter_envelope
         self.phi = nn.Sequential(
             nn.Linear(features, features), nn.SiLU(), nn.Linear(features, 3 * features)
         )
@@ -75,10 +82,13 @@ class Interaction(nn.Module):
 
     def forward(
         self, s: Tensor, v: Tensor, edge_index: Tensor, basis: Tensor, unit: Tensor,
-        first: bool = False,
+        envelope: Tensor, first: bool = False,
     ) -> List[Tensor]:
         i, j = edge_index[0], edge_index[1]
-        x = self.phi(s).index_select(0, j) * self.filter(basis)
+        w = self.filter(basis)
+        if self.filter_envelope:  # the bias too must vanish at the cutoff (PaiNN: W(r) fcut(r))
+            w = w * envelope
+        x = self.phi(s).index_select(0, j) * w
         ds, dv_v, dv_r = torch.split(x, self.features, dim=-1)
         dv = dv_r.unsqueeze(1) * unit.unsqueeze(2)
         if not first:  # in the first block v is still zero: skip the (E, 3, F) gather and product
@@ -130,7 +140,8 @@ class MultiFidelityPaiNN(nn.Module):
         nn.init.normal_(self.fidelity_embedding.weight, std=1.0)
         self.radial = RadialBasis(int(config["radial_basis"]), self.cutoff)
         self.interactions = nn.ModuleList(
-            [Interaction(f, int(config["radial_basis"])) for _ in range(n_layers)]
+            [Interaction(f, int(config["radial_basis"]), bool(config.get("filter_envelope", False)))
+             for _ in range(n_layers)]
         )
         self.updates = nn.ModuleList([Update(f) for _ in range(n_layers)])
         # FiLM starts as the identity: every fidelity begins from the same network
@@ -147,7 +158,7 @@ class MultiFidelityPaiNN(nn.Module):
     ) -> Tensor:
         r = torch.sqrt((vectors * vectors).sum(dim=1))
         unit = vectors / r.unsqueeze(1)
-        basis = self.radial(r)
+        basis, envelope = self.radial(r)
         f = self.fidelity_embedding(fidelity)
 
         s = self.species_embedding(species)
@@ -155,7 +166,7 @@ class MultiFidelityPaiNN(nn.Module):
         film = torch.chunk(self.film(f), 2 * self.n_layers, dim=-1)
         layer = 0
         for interaction, update in zip(self.interactions, self.updates):
-            s, v = interaction(s, v, edge_index, basis, unit, layer == 0)
+            s, v = interaction(s, v, edge_index, basis, unit, envelope, layer == 0)
             s, v = update(s, v)
             if self.use_film:
                 s = s * (1.0 + film[2 * layer]) + film[2 * layer + 1]

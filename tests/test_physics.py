@@ -47,7 +47,7 @@ def test_stress_is_finite_strain_derivative(tiny_model, silicon_small_cell, pbc)
     atoms.calc = calc
     stress = atoms.get_stress(voigt=False)
     volume = atoms.get_volume()
-    h = 1e-6
+    h = 1e-5  # energies are ~1e4 eV: float64 round-off in the difference is ~1e-12 relative
     numeric = np.zeros((3, 3))
     for a in range(3):
         for b in range(3):
@@ -141,3 +141,38 @@ def test_isolated_atoms_get_reference_energy(tiny_model):
     far = Atoms("OO", positions=[[0, 0, 0], [0, 0, 50]])
     far.calc = calc
     assert far.get_potential_energy() == pytest.approx(2 * atoms.get_potential_energy(), abs=1e-10)
+
+
+@pytest.mark.parametrize("pair", ["HH", "CO"])
+def test_energy_is_continuous_where_a_pair_crosses_the_cutoff(tiny_model, pair):
+    """A pair's whole message (the filter bias included) must fade to zero at the cutoff: the
+    energy of a dimer just inside the cutoff equals that just outside, and E(r) is smooth there
+    (models before the filter envelope jumped by 0.1-0.6 eV)."""
+    from ase import Atoms
+
+    calc = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu")
+    cutoff = calc.cutoff
+    energies = []
+    for r in (cutoff - 0.02, cutoff - 1e-6, cutoff + 1e-6, cutoff + 0.02):
+        atoms = Atoms(pair, positions=[[0, 0, 0], [r, 0, 0]])
+        atoms.calc = calc
+        energies.append(atoms.get_potential_energy())
+    assert energies[1] == pytest.approx(energies[2], abs=1e-9)
+    assert energies[0] == pytest.approx(energies[3], abs=1e-5)  # zero slope: second order in 0.02 Å
+
+
+def test_models_from_before_the_filter_envelope_keep_their_numbers(forcefield_factory, ethanol):
+    """A model config without 'filter_envelope' (files from mfcalc <= 0.3) rebuilds the old network,
+    so fine-tuning or re-exporting an old file reproduces its predictions."""
+    from mfcalc.modelfile import build_forcefield
+
+    new = forcefield_factory()
+    config = dict(new.model.config)
+    config.pop("filter_envelope")
+    old = build_forcefield(config, new.state_dict()).double()
+    args = (torch.tensor(ethanol.positions), torch.tensor(ethanol.numbers), torch.zeros(3, 3, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.bool))
+    e_new = float(new.eval().compute(*args, 1)["energy"])
+    e_old = float(old.eval().compute(*args, 1)["energy"])
+    assert not old.model.interactions[0].filter_envelope and new.model.interactions[0].filter_envelope
+    assert e_old != pytest.approx(e_new, abs=1e-6)  # the envelope changes every pair inside the cutoff
