@@ -2,7 +2,7 @@
 and with torch.compile of torch.func.grad_and_value of the whole energy (one graph, forward+backward fused).
     python benchmarks/compile_probe.py [threads] [ethanol|aspirin|water]
 Measured 2 threads, ethanol, edges given: script 2.02 ms, compile(model) 2.12 ms, compile(grad_and_value) 0.90 ms
-(first call ~37 s to compile). Not yet wired into MFCalculator (issue #5)."""
+(first call ~37 s to compile). Path (c) is what MFCalculator(compile=True) runs (mfcalc/compiled.py)."""
 import sys
 import time
 from pathlib import Path

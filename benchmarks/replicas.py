@@ -45,23 +45,28 @@ def main():
     dyn.run(args.steps * 4)
     ase_step = (time.perf_counter() - start) / (args.steps * 4)
     ase_rate = n_atoms / ase_step  # atom-steps per second, any number of sequential runs
-    print(f"ASE, one run after another: {1000 * ase_step:.2f} ms per step, {ase_rate:,.0f} atom-steps/s")
+    print(f"ASE, one run after another: {1000 * ase_step:.2f} ms per step, {ase_rate:,.0f} atom-steps/s",
+          flush=True)
 
     rows = []
-    for r in args.replicas:
-        replicas = []
-        for k in range(r):
-            a = molecule("CH3CH2OH")
-            thermalize(a, 300, np.random.default_rng(k))
-            replicas.append(a)
-        md = ReplicaMD("ethanol-mf", replicas, fidelity="CCSD(T)", friction=0.0, dtype=args.dtype, device="cpu")
-        md.run(10)
-        start = time.perf_counter()
-        md.run(args.steps)
-        step = (time.perf_counter() - start) / args.steps
-        rate = r * n_atoms / step
-        rows.append((r, 1000 * step, rate, rate / ase_rate))
-        print(f"{r:4d} replicas: {1000 * step:8.2f} ms per step, {rate:12,.0f} atom-steps/s, {rate / ase_rate:6.1f}x ASE")
+    for compile in (False, True):
+        calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)", dtype=args.dtype, device="cpu", compile=compile)
+        path = "compile=True" if compile else "TorchScript"
+        for r in args.replicas:
+            replicas = []
+            for k in range(r):
+                a = molecule("CH3CH2OH")
+                thermalize(a, 300, np.random.default_rng(k))
+                replicas.append(a)
+            md = ReplicaMD(calc, replicas, friction=0.0)
+            md.run(10)  # warm-up (and, for compile=True, the first compilation)
+            start = time.perf_counter()
+            md.run(args.steps)
+            step = (time.perf_counter() - start) / args.steps
+            rate = r * n_atoms / step
+            rows.append((path, r, 1000 * step, rate, rate / ase_rate))
+            print(f"{path:12s} {r:4d} replicas: {1000 * step:8.2f} ms per step, {rate:12,.0f} atom-steps/s, "
+                  f"{rate / ase_rate:6.1f}x ASE", flush=True)
     lines = [
         "# Replica MD throughput: ethanol, ethanol-mf at CCSD(T)",
         "",
@@ -69,9 +74,9 @@ def main():
         f"Baseline: ASE Velocity Verlet with MFCalculator, {1000 * ase_step:.2f} ms per step "
         f"({ase_rate:,.0f} atom-steps/s, the same for any number of runs done one after another).",
         "",
-        "| replicas | ms per step (all replicas) | atom-steps/s | speed-up vs sequential ASE |",
-        "|---|---|---|---|",
-    ] + [f"| {r} | {ms:.2f} | {rate:,.0f} | {x:.1f}x |" for r, ms, rate, x in rows]
+        "| force path | replicas | ms per step (all replicas) | atom-steps/s | speed-up vs sequential ASE |",
+        "|---|---|---|---|---|",
+    ] + [f"| {p} | {r} | {ms:.2f} | {rate:,.0f} | {x:.1f}x |" for p, r, ms, rate, x in rows]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "replicas.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -81,7 +86,9 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r[0] for r in rows], [r[2] for r in rows], "o-", label="mfcalc ReplicaMD")
+    for path in ("TorchScript", "compile=True"):
+        mine = [row for row in rows if row[0] == path]
+        ax.plot([row[1] for row in mine], [row[3] for row in mine], "o-", label=f"mfcalc ReplicaMD ({path})")
     ax.axhline(ase_rate, color="k", ls="--", label="ASE, sequential runs")
     ax.set_xscale("log")
     ax.set_yscale("log")

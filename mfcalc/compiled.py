@@ -74,6 +74,18 @@ class CompiledForceField:
             self._compiled[stress] = torch.compile(grad, dynamic=self.dynamic)
         return self._compiled[stress]
 
+    def molecules(self, positions: Tensor, numbers: Tensor, edge_index: Tensor,
+                  fidelity: Tensor) -> Dict[str, Tensor]:
+        """Many non-periodic structures flattened into one graph (replica MD): per-atom
+        ``fidelity``; returns per-atom ``energies`` and ``forces``. Exact, since the energy is
+        a sum over independent structures."""
+        species = self.forcefield.species_of_z[numbers]
+        shifts = torch.zeros((edge_index.shape[1], 3), dtype=positions.dtype, device=positions.device)
+        cell = torch.zeros((3, 3), dtype=positions.dtype, device=positions.device)
+        grad, (_, (energies, _)) = self._function(False)(
+            positions.detach(), cell, species, edge_index, shifts, cell, fidelity)
+        return {"energies": energies.detach(), "forces": -grad.detach()}
+
     def compute(
         self,
         positions: Tensor,

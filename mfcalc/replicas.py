@@ -98,7 +98,8 @@ class ReplicaMD:
 
     ``temperature`` and ``friction`` (1/fs) > 0 give Langevin dynamics (BAOAB), friction 0 gives
     Velocity Verlet (NVE). Replicas must be non-periodic molecules of at most a few hundred atoms
-    (the pair list is an all-pairs search inside each replica, batched).
+    (the pair list is an all-pairs search inside each replica, batched). A calculator made with
+    ``compile=True`` runs the forces through the compiled graph.
     """
 
     def __init__(
@@ -144,6 +145,11 @@ class ReplicaMD:
 
     def _forces(self):
         edge_index, shifts = self._pairs()
+        if hasattr(self.calc.module, "molecules"):  # MFCalculator(compile=True): one fused graph
+            out = self.calc.module.molecules(self.positions.reshape(-1, 3), self.numbers, edge_index,
+                                             self.fidelity[self.batch])
+            energy = out["energies"].view(self.n_replicas, self.n_atoms).sum(dim=1)
+            return energy, out["forces"].view(self.n_replicas, self.n_atoms, 3)
         out = self.calc.module.forward(
             self.positions.reshape(-1, 3), self.numbers, self.cells, edge_index, shifts,
             self.fidelity, self.batch, True, False,
