@@ -47,8 +47,9 @@ def tasks(quick: bool):
         yield "aspirin", len(train_idx), fold, [asp[i] for i in train_idx], [asp[i] for i in test_idx]
 
 
-def scratch_base(path: Path) -> Path:
-    meta = read_metadata("ethanol-mf")
+def scratch_base(path: Path, like: str) -> Path:
+    """Random weights, the architecture of the base ``like``."""
+    meta = read_metadata(like)
     config = default_config(meta["elements"], meta["fidelities"], **{
         k: v for k, v in meta["config"].items() if k not in ("elements", "fidelities")})
     torch.manual_seed(0)
@@ -59,14 +60,16 @@ def scratch_base(path: Path) -> Path:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--reptile", help="path of a Reptile-pretrained base model")
+    parser.add_argument("--joint", default="ethanol-mf", help="the jointly trained base (default: ethanol-mf)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--note", default="", help="a line written under the table's title (which bases, which commit)")
     parser.add_argument("--results", default=str(RESULTS), help="folder for the tables (--quick: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp())
     results_dir = tmp if args.quick else Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    bases = {"scratch": scratch_base(tmp / "scratch.pt"), "joint": "ethanol-mf"}
+    bases = {"scratch": scratch_base(tmp / "scratch.pt", args.joint), "joint": args.joint}
     if args.reptile:
         bases["reptile"] = args.reptile
     runs = [("joint", s) for s in ("embedding", "readout", "full")] + [(b, "full") for b in bases if b != "joint"]
@@ -90,11 +93,11 @@ def main():
             out_path.write_text(json.dumps(results, indent=1))
             print(f"{molecule:8s} n={n:3d} fold={fold} {base:8s} {strategy:9s} F MAE {1000 * row['forces_mae']:6.1f} "
                   f"meV/Å  E MAE {1000 * row['energy_mae']:7.1f} meV", flush=True)
-    report(results, results_dir)
-    drift(settings, args.quick, results_dir)
+    report(results, results_dir, args.note)
+    drift(settings, args.quick, results_dir, args.joint)
 
 
-def drift(settings: TrainSettings, quick: bool, results_dir: Path):
+def drift(settings: TrainSettings, quick: bool, results_dir: Path, base: str):
     """Forgetting, measured: errors of ethanol-mf's own fidelities on their validation split
     before and after fine-tuning to 3BPA (25 points), for the strategies, with and without
     replaying 500 of the base model's training structures (30 % of each batch)."""
@@ -114,7 +117,7 @@ def drift(settings: TrainSettings, quick: bool, results_dir: Path):
         train_set = [bpa[i] for i in pool[: 10 if quick else 25]]
         rows = []
         for strategy, use_replay in [("embedding", False), ("readout", False), ("full", False), ("full", True)]:
-            result = finetune("ethanol-mf", train_set, "wB97X/6-31G(d)", new_fidelity=True, strategy=strategy,
+            result = finetune(base, train_set, "wB97X/6-31G(d)", new_fidelity=True, strategy=strategy,
                               replay=replay if use_replay else None, replay_val=replay_val,
                               settings=settings, val_fraction=0.2, log=lambda *a: None)
             ff = result.forcefield
@@ -139,8 +142,8 @@ def drift(settings: TrainSettings, quick: bool, results_dir: Path):
     print("\n".join(lines))
 
 
-def report(results, results_dir: Path):
-    lines = ["# Few-shot fine-tuning: test errors (forces MAE meV/Å / energy MAE meV)", "",
+def report(results, results_dir: Path, note: str = ""):
+    lines = ["# Few-shot fine-tuning: test errors (forces MAE meV/Å / energy MAE meV)", ""] + ([note, ""] if note else []) + [
              "| molecule | N | base | strategy | forces MAE | energy MAE |", "|---|---|---|---|---|---|"]
     keys = sorted({(r["molecule"], r["n"], r["base"], r["strategy"]) for r in results})
     for molecule, n, base, strategy in keys:
