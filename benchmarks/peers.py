@@ -6,7 +6,7 @@ torch 2.4 with CUDA, 5 GB), e.g. in a venv made with --system-site-packages:
 
     pip install --no-deps mace-torch e3nn==0.4.4 opt-einsum-fx opt-einsum torch-ema matscipy \
         prettytable configargparse torchmetrics lightning-utilities pandas lmdb dirsync fasteners \
-        schnetpack tqdm pytorch-lightning omegaconf
+        schnetpack tqdm pytorch-lightning omegaconf orjson
 
 schnetpack 2.1.1 imports `T_co` from torch.utils.data.dataloader, which torch 2.13 no longer has;
 ``make_schnetpack`` puts the name back before importing it.

@@ -97,19 +97,15 @@ def add_elements(forcefield: ForceField, elements: Sequence[int]) -> ForceField:
 
 
 def closest_fidelity(forcefield: ForceField, graphs, candidates: Sequence[int]) -> int:
-    """The existing fidelity whose forces (or, without forces, energies after a constant shift)
-    best match the new data."""
+    """The existing fidelity whose forces (or, for energy-only data, energies after removing a
+    constant offset) best match the new data."""
     scores = []
     for f in candidates:
         probe = copy.deepcopy(graphs)
         for g in probe:
             g.fidelity = f
         errors = evaluate(forcefield, probe, forcefield.fidelities)[forcefield.fidelities[f]]
-        if "forces_mae" in errors:
-            scores.append(errors["forces_mae"])
-        else:
-            de = np.array([g.energy for g in graphs])
-            scores.append(float(np.std(de - np.mean(de))) if len(de) > 1 else 0.0)
+        scores.append(errors.get("forces_mae", errors["energy_residual_std"]))
     return int(candidates[int(np.argmin(scores))])
 
 

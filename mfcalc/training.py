@@ -155,7 +155,8 @@ def loss_terms(out: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]) -> 
 def evaluate(
     forcefield: ForceField, graphs: Sequence[Graph], fidelities: List[str], batch_size: int = 64
 ) -> Dict[str, Dict[str, float]]:
-    """Per-fidelity errors: energy MAE/RMSE (eV and eV/atom) and force MAE/RMSE (eV/Å)."""
+    """Per-fidelity errors: energy MAE/RMSE (eV and eV/atom), the standard deviation of the energy
+    error (eV, offset removed) and force MAE/RMSE (eV/Å)."""
     dtype = next(forcefield.parameters()).dtype
     forcefield.eval()
     acc: Dict[int, Dict[str, list]] = {}
@@ -184,6 +185,9 @@ def evaluate(
             "energy_mae": float(np.abs(de).mean()),
             "energy_rmse": float(np.sqrt((de**2).mean())),
             "energy_mae_per_atom": float(np.abs(de_atom).mean()),
+            # spread of the error once its mean is removed: how well the *shape* of the energy
+            # surface matches, whatever constant offset separates the reference energies
+            "energy_residual_std": float(np.std(de)),
         }
         if a["df"]:
             df = np.concatenate(a["df"])

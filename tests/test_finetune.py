@@ -109,3 +109,27 @@ def test_a_new_elements_embedding_learns_in_every_strategy(tiny_model):
     known = [i for i in range(len(result.forcefield.elements)) if i != n]
     assert torch.equal(after[known], start[known].to(after.dtype))
     assert float((after[n] - start[n]).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("source", ["low", "mid", "high"])
+def test_closest_fidelity_from_energies_alone(tiny_model, source):
+    """Energy-only points (the usual coupled-cluster case) pick the existing fidelity whose energy
+    surface has their shape, whatever constant offset separates the reference energies."""
+    from dataclasses import replace
+
+    from mfcalc.data import Structure
+    from mfcalc.finetune import closest_fidelity, load_base
+    from mfcalc.training import to_graphs
+
+    calc = MFCalculator(tiny_model, fidelity=source, dtype="float64", device="cpu")
+    rng = np.random.default_rng(3)
+    data = []
+    for _ in range(8):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.05, seed=int(rng.integers(1000)))
+        atoms.calc = calc
+        data.append(Structure(numbers=atoms.numbers.copy(), positions=atoms.positions.copy(),
+                              energy=atoms.get_potential_energy() + 123.4, forces=None, fidelity="new"))
+    forcefield, _ = load_base(tiny_model)
+    graphs = to_graphs([replace(s, fidelity="low") for s in data], forcefield.fidelities, forcefield.cutoff)
+    assert forcefield.fidelities[closest_fidelity(forcefield, graphs, range(3))] == source
