@@ -176,3 +176,41 @@ def test_models_from_before_the_filter_envelope_keep_their_numbers(forcefield_fa
     e_old = float(old.eval().compute(*args, 1)["energy"])
     assert not old.model.interactions[0].filter_envelope and new.model.interactions[0].filter_envelope
     assert e_old != pytest.approx(e_new, abs=1e-6)  # the envelope changes every pair inside the cutoff
+
+
+def test_network_exports_with_torch_export(forcefield_factory, ethanol):
+    """The network stays torch.export-friendly (no data-dependent Python control flow): exported
+    once with symbolic atom and pair counts, it gives the eager energies and, through autograd,
+    the eager forces for a structure of another size."""
+    from mfcalc.neighbors import dense_neighbor_list
+
+    forcefield = forcefield_factory(seed=4).eval()
+    model = forcefield.model
+
+    def inputs(atoms):
+        positions = torch.tensor(atoms.positions, requires_grad=True)
+        edge_index, _ = dense_neighbor_list(positions, torch.zeros(3, 3, dtype=torch.float64),
+                                            torch.zeros(3, dtype=torch.bool), forcefield.cutoff)
+        vectors = positions[edge_index[1]] - positions[edge_index[0]]
+        species = forcefield.species_of_z[torch.tensor(atoms.numbers)]
+        fidelity = torch.full((len(atoms),), 1, dtype=torch.long)
+        return positions, (species, edge_index, vectors, fidelity)
+
+    _, example = inputs(ethanol)
+    atoms_dim, edges_dim = torch.export.Dim("atoms", min=2), torch.export.Dim("edges", min=2)
+    exported = torch.export.export(
+        model, example,
+        dynamic_shapes=({0: atoms_dim}, {1: edges_dim}, {0: edges_dim}, {0: atoms_dim}),
+    ).module()
+    shifted = ethanol.copy()
+    shifted.positions += [3.0, 0.5, 0.2]
+    bigger = ethanol + shifted
+    for atoms in (ethanol, bigger):
+        positions, args = inputs(atoms)
+        e_eager = model(*args).sum()
+        (f_eager,) = torch.autograd.grad(e_eager, positions)
+        positions, args = inputs(atoms)
+        e_export = exported(*args).sum()
+        (f_export,) = torch.autograd.grad(e_export, positions)
+        torch.testing.assert_close(e_export, e_eager, atol=1e-10, rtol=0)
+        torch.testing.assert_close(f_export, f_eager, atol=1e-10, rtol=0)
