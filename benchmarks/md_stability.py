@@ -1,6 +1,6 @@
 """Long Langevin NVT of ethanol at 500 K at CCSD(T): do bonds stay bonds?
 
-    python benchmarks/md_stability.py [--ps 100] [--temperature 500]
+    python benchmarks/md_stability.py [--ps 100] [--temperature 500] [--seeds 0 1] [--compile]
 
 Checks, every 10 steps, every bond of the starting structure (stretched beyond 1.5x its length?)
 and every non-bonded heavy-atom/hydrogen pair (closer than 0.8x a bond?). Writes
@@ -26,9 +26,10 @@ STRETCH, COMPRESS, CONTACT = 1.5, 0.7, 0.8
 
 
 def run_stability(picoseconds: float = 100.0, temperature: float = 500.0, seed: int = 0,
-                  timestep_fs: float = 0.5, dtype: str = "float32", model: str = "ethanol-mf") -> dict:
+                  timestep_fs: float = 0.5, dtype: str = "float32", model: str = "ethanol-mf",
+                  compile: bool = False) -> dict:
     atoms = molecule("CH3CH2OH")
-    atoms.calc = MFCalculator(model, fidelity="CCSD(T)", dtype=dtype)
+    atoms.calc = MFCalculator(model, fidelity="CCSD(T)", dtype=dtype, compile=compile)
     i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.1))
     bonds = np.array([(a, b) for a, b in zip(i, j) if a < b])
     length0 = atoms.get_distances(bonds[:, 0], bonds[:, 1])
@@ -73,10 +74,12 @@ def main():
     parser.add_argument("--temperature", type=float, default=500.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--model", default="ethanol-mf")
+    parser.add_argument("--compile", action="store_true", help="MFCalculator(compile=True): same forces, faster")
     parser.add_argument("--out", default=str(RESULTS / "md_stability.md"))
     args = parser.parse_args()
     text = (
-        f"# MD stability: ethanol, Langevin NVT {args.temperature:.0f} K, 0.5 fs, CCSD(T), {args.model}\n\n"
+        f"# MD stability: ethanol, Langevin NVT {args.temperature:.0f} K, 0.5 fs, CCSD(T), {args.model}"
+        + (" (compile=True)" if args.compile else "") + "\n\n"
         f"Every bond of the start structure checked every 10 steps: broken if stretched to >= {STRETCH}x or "
         f"compressed to <= {COMPRESS}x its length, or if two non-bonded atoms come within {CONTACT} Å.\n\n"
         "| seed | ps | steps | mean T (K) | bonds intact | first break (ps) | max bond stretch | "
@@ -84,7 +87,7 @@ def main():
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     for seed in args.seeds:
-        r = run_stability(args.ps, args.temperature, seed, model=args.model)
+        r = run_stability(args.ps, args.temperature, seed, model=args.model, compile=args.compile)
         row = (
             f"| {seed} | {r['picoseconds']:.0f} | {r['steps']} | {r['mean_temperature']:.0f} | {r['intact']} | "
             f"{'-' if r['first_break_ps'] is None else round(r['first_break_ps'], 2)} | "
