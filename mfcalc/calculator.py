@@ -15,6 +15,8 @@ from .neighbors import BACKENDS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOO_CLOSE = 0.1  # Å: closer pairs get a warning
+# the per-atom arrays whose change invalidates results (ASE's all_changes less cell and pbc)
+ARRAY_CHANGES = [name for name in all_changes if name not in ("cell", "pbc")]
 
 
 def _parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
@@ -45,8 +47,10 @@ def _parse_device(device: Union[str, torch.device]) -> torch.device:
 def exact_changes(old: Atoms, new: Atoms, ignored: Optional[set] = None) -> List[str]:
     """ASE's ``compare_atoms`` with exact equality instead of ``np.allclose``.
 
-    Same names, same meaning (a property that differs at all has changed), a fraction of the
-    cost: MD calls this three times per step.
+    Same names, same meaning: only the properties in ASE's ``all_changes`` count (positions,
+    numbers, cell, pbc, initial charges and magnetic moments; momenta or other per-atom arrays do
+    not), and one that differs at all has changed. A fraction of the cost: MD calls this three
+    times per step.
     """
     changes = []
     if not np.array_equal(old.cell.array, new.cell.array):
@@ -54,8 +58,10 @@ def exact_changes(old: Atoms, new: Atoms, ignored: Optional[set] = None) -> List
     if not np.array_equal(old.pbc, new.pbc):
         changes.append("pbc")
     arrays_old, arrays_new = old.arrays, new.arrays
-    for key in arrays_old.keys() | arrays_new.keys():
+    for key in ARRAY_CHANGES:
         a, b = arrays_old.get(key), arrays_new.get(key)
+        if a is None and b is None:
+            continue
         if a is None or b is None or not np.array_equal(a, b):
             changes.append(key)
     if ignored:

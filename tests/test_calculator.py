@@ -52,6 +52,25 @@ def test_state_check_is_exact_and_keeps_ase_semantics(ethanol):
     other.pbc = True
     other.set_initial_charges([0.1] * len(other))
     assert sorted(exact_changes(ethanol, other)) == sorted(compare_atoms(ethanol, other))
+    # velocities (momenta) and other per-atom arrays are not part of the state, as in ASE: an MD
+    # integrator sets new momenta after every force call and must not trigger a second one
+    moving = ethanol.copy()
+    moving.set_momenta(np.ones((len(moving), 3)))
+    moving.new_array("tags_like", np.arange(len(moving)))
+    assert exact_changes(ethanol, moving) == compare_atoms(ethanol, moving) == []
+
+
+def test_one_force_call_per_md_step(calc, ethanol):
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    ethanol.calc = calc
+    calls = []
+    original = calc.calculate
+    calc.calculate = lambda *a, **k: (calls.append(1), original(*a, **k))
+    dyn = VelocityVerlet(ethanol, 0.5 * units.fs)
+    dyn.run(10)
+    assert len(calls) == 11  # the start, then one per step
 
 
 def test_calculator_recomputes_only_when_needed(calc, ethanol):
