@@ -11,6 +11,12 @@ Strategies embedding / readout / full for the joint base, full for the others. R
 appended to benchmarks/results/few_shot.json as they finish (re-runs skip finished runs).
 
     python benchmarks/few_shot.py [--reptile models/ethanol-mf-reptile] [--quick]
+
+Reptile against joint pretraining at the same budget (both bases trained here from the ethanol-mf
+recipe with the same number of gradient steps; see benchmarks/results/few_shot_reptile/README.md):
+
+    python benchmarks/few_shot.py --joint JOINT.pt --reptile REPTILE.pt --joint-strategies full \
+        --no-drift --results benchmarks/results/few_shot_reptile
 """
 
 import argparse
@@ -64,6 +70,9 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--note", default="", help="a line written under the table's title (which bases, which commit)")
     parser.add_argument("--results", default=str(RESULTS), help="folder for the tables (--quick: a temporary one)")
+    parser.add_argument("--joint-strategies", nargs="+", default=["embedding", "readout", "full"],
+                        choices=["embedding", "readout", "full"], help="strategies run on the joint base")
+    parser.add_argument("--no-drift", action="store_true", help="skip the forgetting (drift) table")
     args = parser.parse_args()
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp())
@@ -72,7 +81,7 @@ def main():
     bases = {"scratch": scratch_base(tmp / "scratch.pt", args.joint), "joint": args.joint}
     if args.reptile:
         bases["reptile"] = args.reptile
-    runs = [("joint", s) for s in ("embedding", "readout", "full")] + [(b, "full") for b in bases if b != "joint"]
+    runs = [("joint", s) for s in args.joint_strategies] + [(b, "full") for b in bases if b != "joint"]
     settings = TrainSettings(epochs=4 if args.quick else 40, steps_per_epoch=5 if args.quick else 25, batch_size=8,
                              lr=5e-4, weight_decay=0.0, ema_decay=0.95, patience=10, energy_weight=100.0)
     out_path = results_dir / "few_shot.json"
@@ -94,7 +103,8 @@ def main():
             print(f"{molecule:8s} n={n:3d} fold={fold} {base:8s} {strategy:9s} F MAE {1000 * row['forces_mae']:6.1f} "
                   f"meV/Å  E MAE {1000 * row['energy_mae']:7.1f} meV", flush=True)
     report(results, results_dir, args.note)
-    drift(settings, args.quick, results_dir, args.joint)
+    if not args.no_drift:
+        drift(settings, args.quick, results_dir, args.joint)
 
 
 def drift(settings: TrainSettings, quick: bool, results_dir: Path, base: str):
