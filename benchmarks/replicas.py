@@ -37,6 +37,11 @@ def main():
     n_atoms = 9
 
     rows, baselines = [], {}
+    # a throwaway MD run first: the first run of a process came out up to 2x slower (see md_speed.py)
+    warm = molecule("CH3CH2OH")
+    warm.calc = MFCalculator("ethanol-mf", dtype=args.dtype, device="cpu")
+    thermalize(warm, 300, np.random.default_rng(0))
+    VelocityVerlet(warm, 0.5 * units.fs).run(300)
     for compile in (False, True):
         calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)", dtype=args.dtype, device="cpu", compile=compile)
         path = "compile=True" if compile else "TorchScript"
