@@ -31,7 +31,9 @@ def test_relax_and_vibrations_agree_between_ase_and_phonopy():
     out = run("relax_and_vibrations.py")
     assert out.count("| True |") == 4  # BFGS and FIRE converged at both fidelities
     worst = float(out.split("largest ase/phonopy difference:")[1].split()[0])
-    assert worst < 5.0  # cm^-1
+    stiff = float(out.split("largest ase/phonopy difference above 300 cm^-1:")[1].split()[0])
+    assert stiff < 2.0  # cm^-1: every mode but the two soft torsions
+    assert worst < 10.0  # the torsions: phonopy's value moves by ~6 cm^-1 with the displacement size
 
 
 def test_all_fidelities_plot(tmp_path):
