@@ -37,7 +37,7 @@ def main():
     n_atoms = 9
 
     rows, baselines = [], {}
-    # a throwaway MD run first: the first run of a process came out up to 2x slower (see md_speed.py)
+    # a throwaway MD run first, so that process start-up costs land in no timed row (see md_speed.py)
     warm = molecule("CH3CH2OH")
     warm.calc = MFCalculator("ethanol-mf", dtype=args.dtype, device="cpu")
     thermalize(warm, 300, np.random.default_rng(0))
