@@ -27,17 +27,33 @@ def stretched(atoms, h: int, partner: int, length: float):
     return out
 
 
+def hydrogens_by_bond(atoms):
+    """{"C-H": [(h, partner), ...], "O-H": [...]}: each H with its nearest heavy atom."""
+    symbols = atoms.get_chemical_symbols()
+    d = atoms.get_all_distances()
+    bonds = {"C-H": [], "O-H": []}
+    for h in (i for i, s in enumerate(symbols) if s == "H"):
+        partner = min((i for i, s in enumerate(symbols) if s != "H"), key=lambda i: d[h, i])
+        bonds[f"{symbols[partner]}-H"].append((h, partner))
+    return bonds
+
+
+def energy_scan(atoms, calc, h: int, partner: int, lengths) -> np.ndarray:
+    """Energy (eV) with H ``h`` moved along its bond to each of ``lengths`` (Å), the rest frozen."""
+    energies = []
+    for x in lengths:
+        a = stretched(atoms, h, partner, x)
+        a.calc = calc
+        energies.append(a.get_potential_energy())
+    return np.array(energies)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="ethanol-mf")
     args = parser.parse_args()
     atoms = molecule("CH3CH2OH")
-    symbols = atoms.get_chemical_symbols()
-    d = atoms.get_all_distances()
-    hydrogens = {"C-H": [], "O-H": []}
-    for h in (i for i, s in enumerate(symbols) if s == "H"):
-        partner = min((i for i, s in enumerate(symbols) if s != "H"), key=lambda i: d[h, i])
-        hydrogens[f"{symbols[partner]}-H"].append((h, partner))
+    hydrogens = hydrogens_by_bond(atoms)
     calc = MFCalculator(args.model, dtype="float64", device="cpu")
     header = [f"{bond} to {x} Å" for bond, xs in LENGTHS.items() for x in xs]
     lines = [f"# Pulling one H off ethanol ({args.model}), eV relative to the unstretched molecule", "",
@@ -56,12 +72,7 @@ def main():
                     a.calc = calc
                     values.append(a.get_potential_energy() - e0)
                 cells.append(f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}")
-        h, partner = hydrogens["C-H"][0]
-        scan = []
-        for x in np.arange(1.0, 6.0, 0.01):
-            a = stretched(atoms, h, partner, x)
-            a.calc = calc
-            scan.append(a.get_potential_energy())
+        scan = energy_scan(atoms, calc, *hydrogens["C-H"][0], np.arange(1.0, 6.0, 0.01))
         step = float(np.abs(np.diff(scan)).max())
         lines.append(f"| {fidelity} | " + " | ".join(cells) + f" | {step:.3f} |")
     print("\n".join(lines))
