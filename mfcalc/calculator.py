@@ -10,7 +10,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from .modelfile import load_model
+from .modelfile import DEFAULT_MODEL, load_model
 from .neighbors import BACKENDS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -74,8 +74,8 @@ class MFCalculator(Calculator):
 
     Parameters
     ----------
-    model: a shipped model name (``"ethanol-mf"``), a directory holding ``model.pt``, or a path
-        to an exported ``.pt`` file.
+    model: a shipped model name (``"ethanol-mf"``; default ``modelfile.DEFAULT_MODEL``), a
+        directory holding ``model.pt``, or a path to an exported ``.pt`` file.
     fidelity: level of theory to predict, by name or alias (``"CCSD(T)"``); ``None`` takes the
         model's declared default. An unknown name raises: there is no silent fallback.
     device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``.
@@ -94,7 +94,7 @@ class MFCalculator(Calculator):
 
     def __init__(
         self,
-        model: str = "ethanol-mf",
+        model: str = DEFAULT_MODEL,
         fidelity: Optional[str] = None,
         device: Union[str, torch.device] = "auto",
         dtype: Union[None, str, torch.dtype] = None,

@@ -3,9 +3,11 @@
 import argparse
 import json
 import sys
+from typing import List, Optional
 
 import numpy as np
-from typing import List, Optional
+
+from .modelfile import DEFAULT_MODEL
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -199,7 +201,7 @@ def _cmd_label(args: argparse.Namespace) -> None:
     structures = read(args.structures, index=":")
     labelled = label(structures, args.method, args.out, forces=args.forces, fidelity=args.fidelity,
                      charge=args.charge, spin=args.spin, workers=args.workers,
-                     threads_per_worker=args.threads)
+                     threads_per_worker=args.threads, density_fit=args.density_fit)
     print(f"{len(labelled)} of {len(structures)} structures labelled at {args.method} in {args.out}")
     if len(labelled) < len(structures):
         raise RuntimeError(f"{len(structures) - len(labelled)} structures failed; run again to retry them")
@@ -261,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spin", type=int, default=0, help="2S (number of unpaired electrons)")
     p.add_argument("--workers", type=int, default=1, help="structures computed in parallel")
     p.add_argument("--threads", type=int, default=1, help="PySCF threads per worker")
+    p.add_argument("--density-fit", action="store_true",
+                   help="RI-J for DFT (PySCF's default auxiliary basis; ORCA's default for GGAs)")
     p.set_defaults(func=_cmd_label)
 
     p = sub.add_parser("finetune", help="fine-tune a model on a few new points, keeping every fidelity")
@@ -297,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("md", help="Langevin MD of a structure at a chosen fidelity")
     p.add_argument("structure", help="any file ASE reads, or a molecule name (e.g. CH3CH2OH)")
-    p.add_argument("--model", default="ethanol-mf")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--fidelity")
     p.add_argument("--temperature", type=float, default=300.0, help="K")
     p.add_argument("--steps", type=int, default=1000)
@@ -327,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("relax", help="geometry optimisation with a summary table")
     p.add_argument("structure")
-    p.add_argument("--model", default="ethanol-mf")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--fidelity")
     p.add_argument("--fmax", type=float, default=1e-3, help="eV/Å")
     p.add_argument("--steps", type=int, default=2000)
@@ -340,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("vib", help="harmonic frequencies (ase.vibrations and phonopy) at one or more fidelities")
     p.add_argument("structure")
-    p.add_argument("--model", default="ethanol-mf")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--fidelity", action="append", help="repeat to compare fidelities side by side")
     p.add_argument("--fmax", type=float, default=1e-4)
     p.add_argument("--no-relax", action="store_true")

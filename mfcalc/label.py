@@ -7,6 +7,10 @@
 A method is written "METHOD/BASIS", e.g. "CCSD(T)/cc-pVDZ", "PBE/def2-SVP", "B3LYP/6-31G*",
 "MP2/cc-pVTZ", "HF/sto-3g". Every record stores the exact method, basis, charge, spin and the
 PySCF version, and its fidelity name (the method string unless ``fidelity`` says otherwise).
+
+``density_fit=True`` (DFT only) fits the Coulomb term with PySCF's default auxiliary basis (RI-J,
+as ORCA does by default for GGAs): for ethanol at PBE/def2-SVP it is ~1.3x faster and lands within
+0.7 meV of rMD17's ORCA total energy (7 meV without it), forces within 2 meV/Å.
 """
 
 import os
@@ -46,12 +50,13 @@ def parse_method(method: str) -> Tuple[str, str]:
 
 
 def compute(atoms: Atoms, method: str, forces: bool = False, charge: int = 0, spin: int = 0,
-            threads: int = 1) -> Dict[str, object]:
+            threads: int = 1, density_fit: bool = False) -> Dict[str, object]:
     """Energy (eV) and, with ``forces``, forces (eV/Å) of one structure."""
     from pyscf import cc, dft, gto, lib, mp, scf
 
     lib.num_threads(threads)
     name, basis = parse_method(method)
+    check_density_fit(name, density_fit)
     mol = gto.M(
         atom=[(s, tuple(p)) for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)],
         unit="Angstrom", basis=basis, charge=charge, spin=spin, verbose=0,
@@ -62,6 +67,8 @@ def compute(atoms: Atoms, method: str, forces: bool = False, charge: int = 0, sp
     else:
         mf = (dft.RKS(mol) if spin == 0 else dft.UKS(mol))
         mf.xc = name
+        if density_fit:
+            mf = mf.density_fit()
         mf = mf.run()
     if not mf.converged:
         raise RuntimeError(f"SCF did not converge for {atoms.get_chemical_formula()} at {method}")
@@ -94,11 +101,17 @@ def compute(atoms: Atoms, method: str, forces: bool = False, charge: int = 0, sp
     return out
 
 
+def check_density_fit(name: str, density_fit: bool) -> None:
+    if density_fit and name.upper() in WAVEFUNCTION_METHODS:
+        raise ValueError(f"density fitting is offered for DFT functionals only, not {name!r} "
+                         "(it would change the reference of the correlated energy)")
+
+
 def _work(job):
-    index, atoms, method, forces, charge, spin, threads = job
+    index, atoms, method, forces, charge, spin, threads, density_fit = job
     start = time.perf_counter()
     try:
-        result = compute(atoms, method, forces, charge, spin, threads)
+        result = compute(atoms, method, forces, charge, spin, threads, density_fit)
     except Exception as err:  # noqa: BLE001 - reported per structure, the others go on
         return index, None, f"{type(err).__name__}: {err}", time.perf_counter() - start
     return index, result, None, time.perf_counter() - start
@@ -107,7 +120,7 @@ def _work(job):
 def label(
     structures: Sequence[Atoms], method: str, out: Union[str, Path], forces: bool = False,
     fidelity: Optional[str] = None, charge: int = 0, spin: int = 0, workers: int = 1,
-    threads_per_worker: int = 1, progress=sys.stderr,
+    threads_per_worker: int = 1, progress=sys.stderr, density_fit: bool = False,
 ) -> List[Atoms]:
     """Label ``structures`` and append them to ``out`` (extxyz) as they finish. Structures whose
     ``label_index`` is already in ``out`` are skipped, so an interrupted run continues."""
@@ -115,14 +128,14 @@ def label(
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import read, write
 
-    parse_method(method)  # fail before any work
+    check_density_fit(parse_method(method)[0], density_fit)  # fail before any work
     out = Path(out)
     done = set()
     if out.exists() and out.stat().st_size > 0:
         done = {int(a.info["label_index"]) for a in read(str(out), index=":") if "label_index" in a.info}
     todo = [(k, a) for k, a in enumerate(structures) if k not in done]
     name, basis = method.split("/")
-    jobs = [(k, a.copy(), method, forces, charge, spin, threads_per_worker) for k, a in todo]
+    jobs = [(k, a.copy(), method, forces, charge, spin, threads_per_worker, density_fit) for k, a in todo]
     failures = []
     start = time.perf_counter()
 
@@ -134,6 +147,7 @@ def label(
             atoms.info.update(
                 label_index=index, fidelity=fidelity or method, method=name.strip(), basis=basis.strip(),
                 charge=charge, spin=spin, program=f"PySCF {pyscf.__version__}", seconds=round(seconds, 2),
+                density_fit=density_fit,
             )
             atoms.calc = SinglePointCalculator(atoms, **result)
             with open(out, "a") as handle:  # one finished point at a time, flushed to disk

@@ -12,6 +12,15 @@ A recipe (paths relative to the recipe file)::
          fidelity: CCSD(T)/cc-pVTZ, train: 180, val: 20, test: 100, seed: 0,
          source: "sGDML, Chmiela et al. 2018"}
     training: {epochs: 100, steps_per_epoch: 100, batch_size: 16, lr: 1.0e-3}
+
+Whole molecules can be held out instead of random frames: a dataset with ``split_by: KEY`` (an
+extxyz info key such as ``name``) sends every frame whose KEY is listed under the recipe's
+``held_out: {test: [...], val: [...]}`` to that split and the rest to training (``train: N``
+keeps a random N of them, ``rest`` or no ``train`` keeps all)::
+
+    held_out: {test: [acetone, pyridine], val: [oxetane]}
+    datasets:
+      - {path: ../data/chno/xtb.extxyz.xz, fidelity: GFN2-xTB, split_by: name}
 """
 
 import inspect
@@ -26,7 +35,7 @@ import torch
 
 from . import __version__
 from .data import (
-    Structure, read_ase_db, read_extxyz, read_gdml_npz, read_transition1x_json, split_indices,
+    Structure, read_ase_db, read_extxyz, read_frames_npz, read_gdml_npz, read_transition1x_json, split_indices,
 )
 from .model import default_config
 from .modelfile import build_forcefield, checksum, export_model, save_checkpoint
@@ -35,10 +44,11 @@ from .training import TrainSettings, distributed_rank_world, evaluate, init_dist
 READERS = {
     "extxyz": read_extxyz,
     "gdml": read_gdml_npz,  # sGDML and mbGDML .npz
+    "frames-npz": read_frames_npz,  # mfcalc's flat .npz of many molecules (data/chno)
     "ase-db": read_ase_db,
     "transition1x": read_transition1x_json,
 }
-SPLIT_KEYS = {"path", "format", "fidelity", "train", "val", "test", "seed", "source"}
+SPLIT_KEYS = {"path", "format", "fidelity", "train", "val", "test", "seed", "source", "split_by"}
 
 
 def read_recipe(path: Path) -> Dict[str, Any]:
@@ -52,10 +62,19 @@ def read_recipe(path: Path) -> Dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def load_datasets(recipe: Dict[str, Any], root: Path) -> Dict[str, List[Structure]]:
-    """Train / val / test structures from every dataset entry, split reproducibly."""
+def load_datasets(recipe: Dict[str, Any], root: Path, by_dataset: bool = False) -> Dict[str, List[Structure]]:
+    """Train / val / test structures from every dataset entry, split reproducibly. With
+    ``by_dataset`` also ``"test:<k>"``: the test structures of dataset entry k alone."""
     splits: Dict[str, List[Structure]] = {"train": [], "val": [], "test": []}
-    for entry in recipe["datasets"]:
+    held_out = {name: list(recipe.get("held_out", {}).get(name, [])) for name in ("test", "val")}
+    unknown_split = set(recipe.get("held_out", {})) - {"test", "val"}
+    if unknown_split:
+        raise ValueError(f"held_out takes the keys 'test' and 'val', got {sorted(unknown_split)}")
+    if set(held_out["test"]) & set(held_out["val"]):
+        raise ValueError(f"held_out: {sorted(set(held_out['test']) & set(held_out['val']))} listed as test and val")
+    seen_groups = set()
+    grouped = False
+    for k, entry in enumerate(recipe["datasets"]):
         entry = dict(entry)
         fmt = entry.get("format", "extxyz")
         if fmt not in READERS:
@@ -63,18 +82,45 @@ def load_datasets(recipe: Dict[str, Any], root: Path) -> Dict[str, List[Structur
         reader = READERS[fmt]
         options = {k: v for k, v in entry.items() if k not in SPLIT_KEYS}
         accepted = set(inspect.signature(reader).parameters) - {"path", "fidelity"}
+        if "split_by" in entry:
+            if "group_key" not in accepted:
+                raise ValueError(f"dataset {entry['path']}: split_by needs per-frame info keys; "
+                                 f"format {fmt!r} has none (use extxyz or frames-npz)")
+            options["group_key"] = entry["split_by"]
         if set(options) - accepted:
             raise ValueError(
                 f"dataset {entry['path']}: option(s) {sorted(set(options) - accepted)} are not "
                 f"understood by format {fmt!r}, which takes {sorted(accepted)}"
             )
         records = reader(root / entry["path"], fidelity=entry["fidelity"], **options)
-        sizes = [0 if entry.get(k) == "rest" else int(entry.get(k, 0)) for k in ("train", "val", "test")]
-        if entry.get("train") == "rest":
-            sizes[0] = len(records) - sizes[1] - sizes[2]
-        parts = split_indices(len(records), sizes, seed=int(entry.get("seed", 0)))
-        for name, idx in zip(("train", "val", "test"), parts):
-            splits[name].extend(records[i] for i in idx)
+        if "split_by" in entry:
+            grouped = True
+            seen_groups |= {r.group for r in records}
+            parts_by_name = {
+                name: [r for r in records if r.group in set(held_out[name])] for name in ("test", "val")
+            }
+            pool = [r for r in records if r.group not in set(held_out["test"]) | set(held_out["val"])]
+            n_train = entry.get("train", "rest")
+            if n_train != "rest":
+                keep = split_indices(len(pool), [int(n_train)], seed=int(entry.get("seed", 0)))[0]
+                pool = [pool[i] for i in keep]
+            parts = {"train": pool, **parts_by_name}
+        else:
+            sizes = [0 if entry.get(key) == "rest" else int(entry.get(key, 0)) for key in ("train", "val", "test")]
+            if entry.get("train") == "rest":
+                sizes[0] = len(records) - sizes[1] - sizes[2]
+            idx = split_indices(len(records), sizes, seed=int(entry.get("seed", 0)))
+            parts = {name: [records[i] for i in ix] for name, ix in zip(("train", "val", "test"), idx)}
+        for name in ("train", "val", "test"):
+            splits[name].extend(parts[name])
+        if by_dataset:
+            splits[f"test:{k}"] = parts["test"]
+    missing = sorted(set(held_out["test"] + held_out["val"]) - seen_groups)
+    if (held_out["test"] or held_out["val"]) and not grouped:
+        raise ValueError("held_out lists molecules but no dataset has split_by")
+    if missing:
+        raise ValueError(f"held_out names {missing} are in no dataset with split_by "
+                         f"(known: {len(seen_groups)} names, e.g. {sorted(seen_groups)[:5]})")
     return splits
 
 
@@ -95,7 +141,7 @@ def run_recipe(
     out_dir = Path(output) if output else root / recipe["output"]
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    splits = load_datasets(recipe, root)
+    splits = load_datasets(recipe, root, by_dataset=True)
     fidelities = list(dict.fromkeys(e["fidelity"] for e in recipe["datasets"]))
     elements = sorted({int(z) for s in splits["train"] for z in s.numbers})
     config = default_config(elements, fidelities, **recipe.get("model", {}))
@@ -128,6 +174,12 @@ def run_recipe(
     forcefield = forcefield.double()
     test_errors = evaluate(forcefield, to_graphs(splits["test"], fidelities, config["cutoff"]), fidelities)
     log("test errors: " + json.dumps(test_errors, indent=1))
+    test_by_dataset = []  # one row per dataset entry with a test split: what the card's table shows
+    for k, entry in enumerate(recipe["datasets"]):
+        if splits[f"test:{k}"]:
+            errors = evaluate(forcefield, to_graphs(splits[f"test:{k}"], fidelities, config["cutoff"]), fidelities)
+            test_by_dataset.append({"dataset": Path(entry["path"]).name, **errors[entry["fidelity"]],
+                                    "fidelity": entry["fidelity"]})
     provenance = [
         {k: v for k, v in e.items() if k not in ("seed",)} | {"split_seed": e.get("seed", 0)}
         for e in recipe["datasets"]
@@ -142,6 +194,8 @@ def run_recipe(
         "best_epoch": summary["best_epoch"],
         "epochs_run": summary["epochs_run"],
         "test_errors": test_errors,
+        "test_errors_by_dataset": test_by_dataset,
+        "held_out": recipe.get("held_out", {}),
         "training_data": provenance,
         "aliases": recipe.get("aliases", {}),
         "default_fidelity": recipe.get("default_fidelity", fidelities[-1]),
@@ -182,11 +236,20 @@ def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> st
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in recipe["datasets"]:
+        if "split_by" in e:
+            val_test = f"held-out {e['split_by']}s | held-out {e['split_by']}s"
+            train = e.get("train", "rest")
+        else:
+            val_test = f"{e.get('val', 0)} | {e.get('test', 0)}"
+            train = e.get("train", 0)
         lines.append(
             f"| {e['fidelity']} | `{Path(e['path']).name}` | {e.get('energy_unit', 'eV')} | "
-            f"{e.get('train', 0)} | {e.get('val', 0)} | {e.get('test', 0)} | {e.get('seed', 0)} | "
-            f"{e.get('source', '')} |"
+            f"{train} | {val_test} | {e.get('seed', 0)} | {e.get('source', '')} |"
         )
+    held = card.get("held_out") or {}
+    if held:
+        lines += ["", "Held out whole (every frame, every fidelity): "
+                  + "; ".join(f"{name} ({len(v)}): " + ", ".join(v) for name, v in held.items()) + "."]
     aliases = recipe.get("aliases", {})
     lines += [
         "",
@@ -205,5 +268,14 @@ def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> st
             f"| {fid} | {e['n']} | {1000 * e['energy_mae']:.2f} | {1000 * e['energy_rmse']:.2f} | "
             f"{f_mae} | {f_rmse} |"
         )
+    rows = card.get("test_errors_by_dataset") or []
+    if len(rows) > 1:
+        lines += ["", "### By dataset", "",
+                  "| dataset | fidelity | n | energy MAE (meV) | energy MAE per atom (meV) | forces MAE (meV/Å) |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            f_mae = f"{1000 * r['forces_mae']:.1f}" if "forces_mae" in r else "-"
+            lines.append(f"| `{r['dataset']}` | {r['fidelity']} | {r['n']} | {1000 * r['energy_mae']:.2f} | "
+                         f"{1000 * r['energy_mae_per_atom']:.2f} | {f_mae} |")
     lines += ["", "## Model", "", "```", json.dumps(recipe.get("model", {})), "```", ""]
     return "\n".join(lines)

@@ -13,6 +13,8 @@ from typing import List, Optional
 import numpy as np
 from ase import Atoms
 
+from .modelfile import DEFAULT_MODEL
+
 SELECTIONS = ("fps", "spread")
 
 
@@ -61,7 +63,7 @@ def farthest_point(features: np.ndarray, n: int, weights: Optional[np.ndarray] =
 
 
 def sample(
-    structure: Atoms, model: str = "ethanol-mf", fidelity: Optional[str] = None, n: int = 50,
+    structure: Atoms, model: str = DEFAULT_MODEL, fidelity: Optional[str] = None, n: int = 50,
     temperature: float = 500.0, steps: Optional[int] = None, timestep: float = 0.5,
     interval: int = 10, select: str = "fps", friction: float = 0.01, seed: int = 0,
     dtype: Optional[str] = None, device: str = "auto", log=sys.stdout,

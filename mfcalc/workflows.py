@@ -8,6 +8,8 @@ from typing import Optional
 import numpy as np
 from ase import Atoms, units
 
+from .modelfile import DEFAULT_MODEL
+
 
 def read_structure(structure: str) -> Atoms:
     """A file ASE can read (last frame), or a molecule name from ``ase.build.molecule``."""
@@ -52,7 +54,7 @@ def langevin(atoms: Atoms, timestep: float, temperature: float, friction: float,
 
 
 def run_md(
-    structure, model: str = "ethanol-mf", fidelity: Optional[str] = None,
+    structure, model: str = DEFAULT_MODEL, fidelity: Optional[str] = None,
     temperature: float = 300.0, steps: int = 1000, timestep: float = 0.5,
     out: str = "md.traj", friction: float = 0.01, seed: int = 0, interval: int = 10,
     dtype: Optional[str] = None, device: str = "auto", log=sys.stdout,

@@ -51,6 +51,19 @@ def test_forces_are_minus_the_energy_gradient_in_ev_per_angstrom():
     assert result["forces"][1, 0] == pytest.approx(-(e_plus - e_minus) / (2 * h), abs=1e-4)
 
 
+def test_density_fitting_is_close_to_the_exact_coulomb_term_and_recorded(tmp_path):
+    atoms = waters(1)[0]
+    exact = compute(atoms, "PBE/def2-SVP", forces=True)
+    fitted = compute(atoms, "PBE/def2-SVP", forces=True, density_fit=True)
+    assert fitted["energy"] != exact["energy"]  # it is really a different integral path
+    assert fitted["energy"] == pytest.approx(exact["energy"], abs=5e-3)  # RI-J error: ~meV
+    assert np.abs(fitted["forces"] - exact["forces"]).max() < 5e-3
+    frames = label([atoms], "PBE/def2-SVP", tmp_path / "df.xyz", density_fit=True, progress=None)
+    assert frames[0].info["density_fit"] is True
+    with pytest.raises(ValueError, match="DFT functionals only"):
+        label([atoms], "MP2/sto-3g", tmp_path / "mp2.xyz", density_fit=True, progress=None)
+
+
 def test_label_is_resumable_and_records_provenance(tmp_path):
     out = tmp_path / "labels.xyz"
     structures = waters(5)

@@ -172,3 +172,56 @@ def test_exporting_a_trained_checkpoint_keeps_aliases_and_default_fidelity(tmp_p
     assert again["aliases"] == first["aliases"] and again["aliases"]["CCSD(T)"] == "CCSD(T)/cc-pVTZ"
     assert again["default_fidelity"] == first["default_fidelity"] == "CCSD(T)/cc-pVTZ"
     assert again["checksum"] == first["checksum"]
+
+
+def _named_frames(path, names=("water", "ammonia", "methane"), per=4):
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = []
+    for name, formula in zip(names, ("H2O", "NH3", "CH4")):
+        for k in range(per):
+            atoms = molecule(formula)
+            atoms.rattle(0.02, seed=k)
+            atoms.info["name"] = name
+            atoms.calc = SinglePointCalculator(atoms, energy=-float(k), forces=np.zeros((len(atoms), 3)))
+            frames.append(atoms)
+    write(str(path), frames, format="extxyz")
+
+
+def test_held_out_molecules_keep_all_their_frames_out_of_training(tmp_path):
+    from mfcalc.recipe import load_datasets
+
+    _named_frames(tmp_path / "a.extxyz")
+    _named_frames(tmp_path / "b.extxyz.xz")  # compressed files read too
+    recipe = {
+        "held_out": {"test": ["water"], "val": ["ammonia"]},
+        "datasets": [{"path": "a.extxyz", "fidelity": "lo", "split_by": "name"},
+                     {"path": "b.extxyz.xz", "fidelity": "hi", "split_by": "name", "train": 2, "seed": 1}],
+    }
+    splits = load_datasets(recipe, tmp_path, by_dataset=True)
+    assert {s.group for s in splits["test"]} == {"water"} and len(splits["test"]) == 8
+    assert {s.group for s in splits["val"]} == {"ammonia"} and len(splits["val"]) == 8
+    assert {s.group for s in splits["train"]} == {"methane"} and len(splits["train"]) == 4 + 2
+    assert len(splits["test:0"]) == len(splits["test:1"]) == 4
+    recipe["held_out"]["test"] = ["watr"]
+    with pytest.raises(ValueError, match=r"\['watr'\] are in no dataset with split_by"):
+        load_datasets(recipe, tmp_path)
+    recipe["held_out"]["test"] = ["ammonia"]
+    with pytest.raises(ValueError, match="listed as test and val"):
+        load_datasets(recipe, tmp_path)
+    recipe["held_out"] = {"test": ["water"]}
+    from ase.io import read
+    from mfcalc.data import write_frames_npz
+
+    write_frames_npz(tmp_path / "c.npz", read(str(tmp_path / "a.extxyz"), ":"), info_keys=["name"])
+    recipe["datasets"].append({"path": "c.npz", "format": "frames-npz", "fidelity": "lo", "split_by": "name"})
+    splits = load_datasets(recipe, tmp_path, by_dataset=True)
+    extxyz, npz = splits["test:0"], splits["test:2"]
+    assert [s.group for s in npz] == [s.group for s in extxyz] == ["water"] * 4
+    assert all(np.allclose(a.positions, b.positions, atol=1e-6) and a.energy == b.energy
+               and np.allclose(a.forces, b.forces) and (a.numbers == b.numbers).all() for a, b in zip(extxyz, npz))
+    recipe["datasets"][0]["split_by"] = "molecule"
+    with pytest.raises(KeyError, match="no info key 'molecule'"):
+        load_datasets(recipe, tmp_path)

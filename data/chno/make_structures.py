@@ -580,6 +580,9 @@ def stratum_order(strata) -> list:
     return order + sorted(k for k in strata if k not in order)
 
 
+NPZ_INFO_KEYS = ("name", "smiles", "family", "sampling", "temperature_K", "frame", "fidelity", "protocol")
+
+
 def combine(rows, out_dir: Path, target: Path, pick: Optional[int], seed: int) -> None:
     """Concatenate the molecules' frames (CSV order) into ``target``; with ``pick``, K frames per
     molecule taken round-robin over the (sampling, temperature) strata in ``stratum_order``,
@@ -607,7 +610,14 @@ def combine(rows, out_dir: Path, target: Path, pick: Optional[int], seed: int) -
             frames = [frames[k] for k in order[:pick]]
         out.extend(frames)
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(target, out)
+    if target.suffix == ".npz":  # mfcalc's compact flat format (recipe format: frames-npz)
+        from mfcalc.data import write_frames_npz
+
+        tmp = target.with_name(target.name + ".tmp.npz")
+        write_frames_npz(tmp, out, info_keys=NPZ_INFO_KEYS)
+        os.replace(tmp, target)
+    else:
+        write_atomically(target, out)
     print(f"wrote {len(out)} frames of {len(rows)} molecules to {target}")
 
 
