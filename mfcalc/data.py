@@ -113,27 +113,30 @@ def read_frames_npz(
     """A flat ``.npz`` of many molecules written by ``write_frames_npz`` (energies in
     ``energy_unit``, converted to eV). ``fidelity=None`` takes the per-frame ``info_fidelity``
     array; ``group_key`` names the per-frame ``info_<key>`` array that becomes ``Structure.group``."""
-    data = np.load(path)
+    with np.load(path) as npz:  # every array read once: NpzFile decompresses on each access
+        data = {key: npz[key] for key in npz.files}
     factor = energy_to_ev(energy_unit)
     ends = np.cumsum(data["n_atoms"])
     starts = ends - data["n_atoms"]
-    if fidelity is None and "info_fidelity" not in data.files:
+    if fidelity is None and "info_fidelity" not in data:
         raise KeyError(f"{path}: no per-frame 'info_fidelity' array; pass fidelity=...")
-    for key in [k for k in (group_key,) if k is not None]:
-        if f"info_{key}" not in data.files:
-            raise KeyError(f"{path}: no info key {key!r} to group by; info keys: "
-                           f"{sorted(k[5:] for k in data.files if k.startswith('info_'))}")
+    if group_key is not None and f"info_{group_key}" not in data:
+        raise KeyError(f"{path}: no info key {group_key!r} to group by; info keys: "
+                       f"{sorted(k[5:] for k in data if k.startswith('info_'))}")
     numbers = data["numbers"].astype(np.int64)
     positions = data["positions"].astype(np.float64)
-    forces = data["forces"].astype(np.float64) * factor if "forces" in data.files else None
+    forces = data["forces"].astype(np.float64) * factor if "forces" in data else None
+    energies = data["energy"].astype(np.float64) * factor
+    fidelities = [fidelity] * len(energies) if fidelity is not None else data["info_fidelity"].tolist()
+    groups = data[f"info_{group_key}"].tolist() if group_key is not None else [None] * len(energies)
     return [
         Structure(
             numbers=numbers[a:b].copy(),
             positions=positions[a:b].copy(),
-            fidelity=str(data["info_fidelity"][k]) if fidelity is None else fidelity,
-            energy=float(data["energy"][k]) * factor,
+            fidelity=str(fidelities[k]),
+            energy=float(energies[k]),
             forces=None if forces is None else forces[a:b].copy(),
-            group=None if group_key is None else str(data[f"info_{group_key}"][k]),
+            group=None if groups[k] is None else str(groups[k]),
         )
         for k, (a, b) in enumerate(zip(starts, ends))
     ]

@@ -81,7 +81,7 @@ class Protocol:
     conformers: int = 10
     fmax: float = 0.002  # eV/Å, xTB relaxation
     relax_steps: int = 2000
-    frames: int = 200  # per molecule, including the minimum
+    frames: int = 100  # per molecule, including the minimum (the committed set; 200 was the first plan)
     md_fraction: float = 0.5
     temperatures: Tuple[float, ...] = (300.0, 600.0, 1000.0)
     timestep: float = 0.5  # fs

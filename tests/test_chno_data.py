@@ -1,0 +1,81 @@
+"""The committed CHNO data set (data/chno): complete, consistent with its catalog, labels
+reproducible by recomputing a few frames with the programs named in the data card."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mfcalc.data import read_extxyz, read_frames_npz
+
+CHNO = Path(__file__).resolve().parent.parent / "data" / "chno"
+MOLECULES = list(csv.DictReader(open(CHNO / "molecules.csv")))
+
+
+@pytest.fixture(scope="module")
+def xtb():
+    return read_frames_npz(CHNO / "xtb_gfn2.npz", group_key="name")
+
+
+def test_every_molecule_has_its_frames_with_xtb_labels(xtb):
+    names = [s.group for s in xtb]
+    assert set(names) == {m["name"] for m in MOLECULES}
+    counts = {n: names.count(n) for n in set(names)}
+    assert set(counts.values()) == {100}
+    assert {s.fidelity for s in xtb} == {"GFN2-xTB"}
+    assert all(s.forces is not None and np.isfinite(s.forces).all() for s in xtb)
+    # the formula of every frame is that of its SMILES
+    from collections import Counter
+
+    smiles = {m["name"]: m["smiles"] for m in MOLECULES}
+    rdkit = pytest.importorskip("rdkit.Chem")
+    for name in list(counts)[::13]:
+        mol = rdkit.AddHs(rdkit.MolFromSmiles(smiles[name]))
+        expected = Counter(a.GetAtomicNum() for a in mol.GetAtoms())
+        frame = next(s for s in xtb if s.group == name)
+        assert Counter(frame.numbers.tolist()) == expected, name
+
+
+def test_xtb_labels_recompute(xtb):
+    """Two frames recomputed with tblite (GFN2-xTB, as in make_structures.py)."""
+    pytest.importorskip("tblite")
+    from ase import Atoms
+    from tblite.ase import TBLite
+
+    for s in (xtb[150], xtb[-1]):
+        atoms = Atoms(numbers=s.numbers, positions=s.positions)
+        atoms.calc = TBLite(method="GFN2-xTB", accuracy=1.0, charge=0, multiplicity=1,
+                            electronic_temperature=300.0, verbosity=0)
+        assert atoms.get_potential_energy() == pytest.approx(s.energy, abs=1e-4)
+        assert np.abs(atoms.get_forces() - s.forces).max() < 1e-3
+
+
+@pytest.mark.parametrize("pattern", ["pbe_def2svp-*.extxyz", "ccsdt_ccpvdz-*.extxyz"])
+def test_qm_labels_sit_on_the_xtb_geometries_and_recompute(xtb, pattern):
+    pytest.importorskip("pyscf")
+    from ase import Atoms
+    from ase.io import read
+
+    from mfcalc.label import compute
+
+    paths = sorted(CHNO.glob(pattern))
+    assert paths, f"no {pattern} in {CHNO}"
+    for path in paths:
+        frames = read(str(path), index=":")
+        assert len({a.info["label_index"] for a in frames}) == len(frames)
+        by_name = {}
+        for s in xtb:
+            by_name.setdefault(s.group, []).append(s)
+        for a in frames:  # each labelled geometry is one of its molecule's xTB frames
+            assert any(np.abs(a.positions - s.positions).max() < 1e-5 for s in by_name[a.info["name"]])
+        smallest = min(frames, key=len)
+        atoms = Atoms(numbers=smallest.numbers, positions=smallest.positions)
+        method = f"{smallest.info['method']}/{smallest.info['basis']}"
+        result = compute(atoms, method, forces="forces" in smallest.calc.results,
+                         density_fit=bool(smallest.info.get("density_fit", False)))
+        assert result["energy"] == pytest.approx(smallest.get_potential_energy(), abs=1e-5)
+        if "forces" in result:
+            assert np.abs(result["forces"] - smallest.get_forces()).max() < 1e-4
+        records = read_extxyz(path, group_key="name")
+        assert {r.fidelity for r in records} == {smallest.info["fidelity"]}
