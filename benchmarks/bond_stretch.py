@@ -66,11 +66,7 @@ def main():
         cells = []
         for bond, xs in LENGTHS.items():
             for x in xs:
-                values = []
-                for h, partner in hydrogens[bond]:
-                    a = stretched(atoms, h, partner, x)
-                    a.calc = calc
-                    values.append(a.get_potential_energy() - e0)
+                values = [energy_scan(atoms, calc, h, partner, [x])[0] - e0 for h, partner in hydrogens[bond]]
                 cells.append(f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}")
         scan = energy_scan(atoms, calc, *hydrogens["C-H"][0], np.arange(1.0, 6.0, 0.01))
         step = float(np.abs(np.diff(scan)).max())

@@ -89,8 +89,9 @@ def write_frames_npz(path: Union[str, Path], frames: Sequence, info_keys: Sequen
     """Many labelled ASE frames (any molecules) in one compressed flat ``.npz`` that
     ``read_frames_npz`` reads: ``n_atoms`` (F,), ``numbers`` (A,), ``positions`` and ``forces``
     (A, 3, float32: 1e-6 Å / 1e-6 relative, far below any label's noise), ``energy`` (F,
-    float64, eV) and one (F,) array per name in ``info_keys`` (strings or numbers). About a
-    tenth of the size of the same frames as xz-compressed extended XYZ."""
+    float64, eV) and one (F,) array per name in ``info_keys`` (strings or numbers). Measured on
+    3000 CHNO frames: 0.84 MB, against 1.07 MB as xz-compressed extended XYZ and 5.0 MB plain,
+    and it loads without parsing text. ``path`` may be an open binary file."""
     frames = list(frames)
     arrays = {
         "n_atoms": np.array([len(a) for a in frames], np.int32),

@@ -20,7 +20,7 @@ keeps a random N of them, ``rest`` or no ``train`` keeps all)::
 
     held_out: {test: [acetone, pyridine], val: [oxetane]}
     datasets:
-      - {path: ../data/chno/xtb.extxyz.xz, fidelity: GFN2-xTB, split_by: name}
+      - {path: ../data/chno/xtb_gfn2.npz, format: frames-npz, fidelity: GFN2-xTB, split_by: name}
 """
 
 import inspect
@@ -62,18 +62,37 @@ def read_recipe(path: Path) -> Dict[str, Any]:
     return yaml.safe_load(text)
 
 
+def _split_random(records: List[Structure], entry: Dict[str, Any]) -> Dict[str, List[Structure]]:
+    """``train``/``val``/``test`` sizes (``train: rest`` takes what is left), seeded."""
+    sizes = [0 if entry.get(key) == "rest" else int(entry.get(key, 0)) for key in ("train", "val", "test")]
+    if entry.get("train") == "rest":
+        sizes[0] = len(records) - sizes[1] - sizes[2]
+    idx = split_indices(len(records), sizes, seed=int(entry.get("seed", 0)))
+    return {name: [records[i] for i in ix] for name, ix in zip(("train", "val", "test"), idx)}
+
+
+def _split_by_group(
+    records: List[Structure], entry: Dict[str, Any], held_out: Dict[str, set]
+) -> Dict[str, List[Structure]]:
+    """Frames of held-out groups to their split, the rest (or a seeded ``train: N`` of it) to train."""
+    parts = {name: [r for r in records if r.group in held_out[name]] for name in ("test", "val")}
+    pool = [r for r in records if r.group not in held_out["test"] | held_out["val"]]
+    if entry.get("train", "rest") != "rest":
+        pool = [pool[i] for i in split_indices(len(pool), [int(entry["train"])], seed=int(entry.get("seed", 0)))[0]]
+    return {"train": pool, **parts}
+
+
 def load_datasets(recipe: Dict[str, Any], root: Path, by_dataset: bool = False) -> Dict[str, List[Structure]]:
     """Train / val / test structures from every dataset entry, split reproducibly. With
     ``by_dataset`` also ``"test:<k>"``: the test structures of dataset entry k alone."""
     splits: Dict[str, List[Structure]] = {"train": [], "val": [], "test": []}
-    held_out = {name: list(recipe.get("held_out", {}).get(name, [])) for name in ("test", "val")}
     unknown_split = set(recipe.get("held_out", {})) - {"test", "val"}
     if unknown_split:
         raise ValueError(f"held_out takes the keys 'test' and 'val', got {sorted(unknown_split)}")
-    if set(held_out["test"]) & set(held_out["val"]):
-        raise ValueError(f"held_out: {sorted(set(held_out['test']) & set(held_out['val']))} listed as test and val")
+    held_out = {name: set(recipe.get("held_out", {}).get(name, [])) for name in ("test", "val")}
+    if held_out["test"] & held_out["val"]:
+        raise ValueError(f"held_out: {sorted(held_out['test'] & held_out['val'])} listed as test and val")
     seen_groups = set()
-    grouped = False
     for k, entry in enumerate(recipe["datasets"]):
         entry = dict(entry)
         fmt = entry.get("format", "extxyz")
@@ -94,30 +113,15 @@ def load_datasets(recipe: Dict[str, Any], root: Path, by_dataset: bool = False) 
             )
         records = reader(root / entry["path"], fidelity=entry["fidelity"], **options)
         if "split_by" in entry:
-            grouped = True
             seen_groups |= {r.group for r in records}
-            parts_by_name = {
-                name: [r for r in records if r.group in set(held_out[name])] for name in ("test", "val")
-            }
-            pool = [r for r in records if r.group not in set(held_out["test"]) | set(held_out["val"])]
-            n_train = entry.get("train", "rest")
-            if n_train != "rest":
-                keep = split_indices(len(pool), [int(n_train)], seed=int(entry.get("seed", 0)))[0]
-                pool = [pool[i] for i in keep]
-            parts = {"train": pool, **parts_by_name}
+            parts = _split_by_group(records, entry, held_out)
         else:
-            sizes = [0 if entry.get(key) == "rest" else int(entry.get(key, 0)) for key in ("train", "val", "test")]
-            if entry.get("train") == "rest":
-                sizes[0] = len(records) - sizes[1] - sizes[2]
-            idx = split_indices(len(records), sizes, seed=int(entry.get("seed", 0)))
-            parts = {name: [records[i] for i in ix] for name, ix in zip(("train", "val", "test"), idx)}
+            parts = _split_random(records, entry)
         for name in ("train", "val", "test"):
             splits[name].extend(parts[name])
         if by_dataset:
             splits[f"test:{k}"] = parts["test"]
-    missing = sorted(set(held_out["test"] + held_out["val"]) - seen_groups)
-    if (held_out["test"] or held_out["val"]) and not grouped:
-        raise ValueError("held_out lists molecules but no dataset has split_by")
+    missing = sorted((held_out["test"] | held_out["val"]) - seen_groups)
     if missing:
         raise ValueError(f"held_out names {missing} are in no dataset with split_by "
                          f"(known: {len(seen_groups)} names, e.g. {sorted(seen_groups)[:5]})")
@@ -172,14 +176,15 @@ def run_recipe(
             return {}
 
     forcefield = forcefield.double()
-    test_errors = evaluate(forcefield, to_graphs(splits["test"], fidelities, config["cutoff"]), fidelities)
+    # test graphs built once per dataset entry: each entry's own row, and all of them per fidelity
+    test_graphs = [to_graphs(splits[f"test:{k}"], fidelities, config["cutoff"]) for k in range(len(recipe["datasets"]))]
+    test_errors = evaluate(forcefield, [g for graphs in test_graphs for g in graphs], fidelities)
     log("test errors: " + json.dumps(test_errors, indent=1))
-    test_by_dataset = []  # one row per dataset entry with a test split: what the card's table shows
-    for k, entry in enumerate(recipe["datasets"]):
-        if splits[f"test:{k}"]:
-            errors = evaluate(forcefield, to_graphs(splits[f"test:{k}"], fidelities, config["cutoff"]), fidelities)
-            test_by_dataset.append({"dataset": Path(entry["path"]).name, **errors[entry["fidelity"]],
-                                    "fidelity": entry["fidelity"]})
+    test_by_dataset = [
+        {"dataset": Path(entry["path"]).name, **evaluate(forcefield, graphs, fidelities)[entry["fidelity"]],
+         "fidelity": entry["fidelity"]}
+        for entry, graphs in zip(recipe["datasets"], test_graphs) if graphs
+    ]
     provenance = [
         {k: v for k, v in e.items() if k not in ("seed",)} | {"split_seed": e.get("seed", 0)}
         for e in recipe["datasets"]

@@ -2,6 +2,7 @@
 reproducible by recomputing a few frames with the programs named in the data card."""
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +20,12 @@ def xtb():
 
 
 def test_every_molecule_has_its_frames_with_xtb_labels(xtb):
-    names = [s.group for s in xtb]
-    assert set(names) == {m["name"] for m in MOLECULES}
-    counts = {n: names.count(n) for n in set(names)}
+    counts = Counter(s.group for s in xtb)
+    assert set(counts) == {m["name"] for m in MOLECULES}
     assert set(counts.values()) == {100}
     assert {s.fidelity for s in xtb} == {"GFN2-xTB"}
     assert all(s.forces is not None and np.isfinite(s.forces).all() for s in xtb)
     # the formula of every frame is that of its SMILES
-    from collections import Counter
-
     smiles = {m["name"]: m["smiles"] for m in MOLECULES}
     rdkit = pytest.importorskip("rdkit.Chem")
     for name in list(counts)[::13]:
@@ -61,12 +59,12 @@ def test_qm_labels_sit_on_the_xtb_geometries_and_recompute(xtb, pattern):
 
     paths = sorted(CHNO.glob(pattern))
     assert paths, f"no {pattern} in {CHNO}"
+    by_name = {}
+    for s in xtb:
+        by_name.setdefault(s.group, []).append(s)
     for path in paths:
         frames = read(str(path), index=":")
         assert len({a.info["label_index"] for a in frames}) == len(frames)
-        by_name = {}
-        for s in xtb:
-            by_name.setdefault(s.group, []).append(s)
         for a in frames:  # each labelled geometry is one of its molecule's xTB frames
             assert any(np.abs(a.positions - s.positions).max() < 1e-5 for s in by_name[a.info["name"]])
         smallest = min(frames, key=len)

@@ -336,17 +336,28 @@ def mode_variances(lam, temperature: float, statistics: str, soft_cutoff: float)
     return np.where(stiff, var, 0.0)
 
 
+#: per-frame info kept in the flat .npz (the sampling settings themselves are in protocol-*.json)
+NPZ_INFO_KEYS = ("name", "smiles", "family", "sampling", "temperature_K", "frame", "fidelity", "protocol")
+
+
 def write_atomically(path: Path, frames) -> None:
-    """extxyz written to a temporary file in the same folder, flushed, then renamed onto ``path``:
-    ``path`` either does not exist or holds every frame."""
+    """extxyz (or, for a ``.npz`` path, mfcalc's flat frames-npz with ``NPZ_INFO_KEYS``) written to a
+    temporary file in the same folder, flushed, then renamed onto ``path``: ``path`` either does
+    not exist or holds every frame."""
     from ase.io import write
 
     path = Path(path)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False)
+    npz = path.suffix == ".npz"
+    handle = tempfile.NamedTemporaryFile("wb" if npz else "w", dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp", delete=False)
     try:
         with handle:
-            write(handle, frames, format="extxyz")
+            if npz:
+                from mfcalc.data import write_frames_npz
+
+                write_frames_npz(handle, frames, info_keys=NPZ_INFO_KEYS)
+            else:
+                write(handle, frames, format="extxyz")
             handle.flush()
             os.fsync(handle.fileno())
         umask = os.umask(0)
@@ -580,9 +591,6 @@ def stratum_order(strata) -> list:
     return order + sorted(k for k in strata if k not in order)
 
 
-NPZ_INFO_KEYS = ("name", "smiles", "family", "sampling", "temperature_K", "frame", "fidelity", "protocol")
-
-
 def combine(rows, out_dir: Path, target: Path, pick: Optional[int], seed: int) -> None:
     """Concatenate the molecules' frames (CSV order) into ``target``; with ``pick``, K frames per
     molecule taken round-robin over the (sampling, temperature) strata in ``stratum_order``,
@@ -610,14 +618,7 @@ def combine(rows, out_dir: Path, target: Path, pick: Optional[int], seed: int) -
             frames = [frames[k] for k in order[:pick]]
         out.extend(frames)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.suffix == ".npz":  # mfcalc's compact flat format (recipe format: frames-npz)
-        from mfcalc.data import write_frames_npz
-
-        tmp = target.with_name(target.name + ".tmp.npz")
-        write_frames_npz(tmp, out, info_keys=NPZ_INFO_KEYS)
-        os.replace(tmp, target)
-    else:
-        write_atomically(target, out)
+    write_atomically(target, out)
     print(f"wrote {len(out)} frames of {len(rows)} molecules to {target}")
 
 
