@@ -87,13 +87,16 @@ def main():
     out_path = results_dir / "few_shot.json"
     results = json.loads(out_path.read_text()) if out_path.exists() else []
     done = {(r["molecule"], r["n"], r["fold"], r["base"], r["strategy"]) for r in results}
+    known = {b: set(read_metadata(path)["fidelities"]) for b, path in bases.items()}
     for molecule, n, fold, train_set, test_set in tasks(args.quick):
         fidelity = train_set[0].fidelity
         for base, strategy in runs:
             if (molecule, n, fold, base, strategy) in done:
                 continue
-            result = finetune(bases[base], train_set, fidelity, new_fidelity=True, strategy=strategy,
-                              settings=settings, val_fraction=0.2, log=lambda *a: None)
+            # a level of theory the base already has (chno-mf: CCSD/cc-pVDZ from Transition1x) is
+            # fine-tuned as that fidelity, keeping its reference energies; otherwise a new one is added
+            result = finetune(bases[base], train_set, fidelity, new_fidelity=fidelity not in known[base],
+                              strategy=strategy, settings=settings, val_fraction=0.2, log=lambda *a: None)
             ff = result.forcefield
             errors = evaluate(ff, to_graphs(test_set, ff.fidelities, ff.cutoff), ff.fidelities)[fidelity]
             row = {"molecule": molecule, "n": n, "fold": fold, "base": base, "strategy": strategy,

@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="structures computed in parallel")
     p.add_argument("--threads", type=int, default=1, help="PySCF threads per worker")
     p.add_argument("--density-fit", action="store_true",
-                   help="RI-J for DFT (PySCF's default auxiliary basis; ORCA's default for GGAs)")
+                   help="RI-J for DFT (ORCA's default for GGAs); RI-JK + RI-MP2 for MP2 energies "
+                        "(PySCF's default auxiliary basis sets)")
     p.set_defaults(func=_cmd_label)
 
     p = sub.add_parser("finetune", help="fine-tune a model on a few new points, keeping every fidelity")

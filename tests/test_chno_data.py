@@ -49,7 +49,23 @@ def test_xtb_labels_recompute(xtb):
         assert np.abs(atoms.get_forces() - s.forces).max() < 1e-3
 
 
-@pytest.mark.parametrize("pattern", ["pbe_def2svp-*.extxyz", "ccsdt_ccpvdz-*.extxyz"])
+def test_label_inputs_are_nested_picks():
+    """Picks are nested, so the levels of theory share geometries: the CCSD(T) inputs lie inside
+    the PBE input (5 per molecule, <= 4 heavy atoms) and inside the MP2 input (3 per molecule,
+    all molecules), whose frames of the <= 4-heavy-atom molecules lie inside the PBE input."""
+    from ase.io import read
+
+    def keys(name):
+        return {(a.info["name"], a.positions.round(6).tobytes()) for a in read(str(CHNO / name), index=":")}
+
+    pick3_all, pbe_input = keys("pick3_all.extxyz"), keys("pick5_heavy0-4.extxyz")
+    assert keys("pick3_heavy0-3.extxyz") <= pick3_all
+    assert keys("pick2_heavy4.extxyz") <= pbe_input and keys("pick2_heavy4.extxyz") <= pick3_all
+    assert {k for k in pick3_all if k[0] in {n for n, _ in pbe_input}} <= pbe_input
+    assert len(pick3_all) == 3 * len(MOLECULES)
+
+
+@pytest.mark.parametrize("pattern", ["pbe_def2svp-*.extxyz", "ccsdt_ccpvdz-*.extxyz", "mp2_ccpvdz-*.extxyz"])
 def test_qm_labels_sit_on_the_xtb_geometries_and_recompute(xtb, pattern):
     pytest.importorskip("pyscf")
     from ase import Atoms

@@ -60,8 +60,19 @@ def test_density_fitting_is_close_to_the_exact_coulomb_term_and_recorded(tmp_pat
     assert np.abs(fitted["forces"] - exact["forces"]).max() < 5e-3
     frames = label([atoms], "PBE/def2-SVP", tmp_path / "df.xyz", density_fit=True, progress=None)
     assert frames[0].info["density_fit"] is True
-    with pytest.raises(ValueError, match="DFT functionals only"):
-        label([atoms], "MP2/sto-3g", tmp_path / "mp2.xyz", density_fit=True, progress=None)
+    with pytest.raises(ValueError, match="DFT functionals and MP2"):
+        label([atoms], "CCSD(T)/sto-3g", tmp_path / "cc.xyz", density_fit=True, progress=None)
+    with pytest.raises(ValueError, match="energies only"):
+        label([atoms], "MP2/cc-pVDZ", tmp_path / "mp2.xyz", forces=True, density_fit=True, progress=None)
+
+
+def test_density_fitted_mp2_is_close_to_canonical_mp2():
+    """RI-MP2 on an RI-JK reference: a different integral path, within a few meV for water."""
+    atoms = waters(1)[0]
+    exact = compute(atoms, "MP2/cc-pVDZ")["energy"]
+    fitted = compute(atoms, "MP2/cc-pVDZ", density_fit=True)["energy"]
+    assert fitted != exact
+    assert fitted == pytest.approx(exact, abs=5e-3)
 
 
 def test_label_is_resumable_and_records_provenance(tmp_path):

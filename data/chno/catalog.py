@@ -290,6 +290,13 @@ def cost_examples(rows) -> str:
 LABEL_FILES = ("ccsdt_ccpvdz-*.extxyz", "mp2_ccpvdz-*.extxyz", "pbe_def2svp-*.extxyz")
 
 
+def density_fit_label(info) -> str:
+    """How a label file's integrals were fitted (mfcalc label --density-fit)."""
+    if not info.get("density_fit"):
+        return "no"
+    return "RI-JK + RI-MP2" if str(info.get("method", "")).upper() == "MP2" else "RI-J"
+
+
 def labels_table() -> str:
     """What has been labelled so far, read from the label files themselves: frames, molecules,
     and the CPU time PySCF reported per frame (one core each)."""
@@ -307,7 +314,7 @@ def labels_table() -> str:
             has_forces = "forces" in (frames[0].calc.results if frames[0].calc else {})
             lines.append(
                 f"| `{path.name}` | {frames[0].info['fidelity']} | "
-                f"{'RI-J' if frames[0].info.get('density_fit') else 'no'} | {'yes' if has_forces else 'no'} | "
+                f"{density_fit_label(frames[0].info)} | {'yes' if has_forces else 'no'} | "
                 f"{len({a.info['name'] for a in frames})} | {len(frames)} | {min(heavy)}-{max(heavy)} | "
                 f"{sum(seconds) / 3600:.2f} | {sum(seconds) / len(seconds):.1f} |"
             )

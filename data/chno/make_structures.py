@@ -500,7 +500,7 @@ def _job(args):
 
 # ------------------------------------------------------------------ selection, status, budget
 
-def select(rows, names=None, span=None, families=None, max_heavy=None):
+def select(rows, names=None, span=None, families=None, max_heavy=None, min_heavy=None):
     chosen = list(enumerate(rows))
     if span:
         lo, _, hi = span.partition(":")
@@ -518,6 +518,8 @@ def select(rows, names=None, span=None, families=None, max_heavy=None):
         chosen = [(k, r) for k, r in chosen if r["family"] in fams]
     if max_heavy is not None:
         chosen = [(k, r) for k, r in chosen if catalog.n_heavy(r["smiles"]) <= max_heavy]
+    if min_heavy is not None:
+        chosen = [(k, r) for k, r in chosen if catalog.n_heavy(r["smiles"]) >= min_heavy]
     return [r for _, r in chosen]
 
 
@@ -591,17 +593,20 @@ def stratum_order(strata) -> list:
     return order + sorted(k for k in strata if k not in order)
 
 
-def combine(rows, out_dir: Path, target: Path, pick: Optional[int], seed: int) -> None:
+def combine(rows, out_dir: Path, target: Path, pick: Optional[int], seed: int, rounds: bool = False) -> None:
     """Concatenate the molecules' frames (CSV order) into ``target``; with ``pick``, K frames per
     molecule taken round-robin over the (sampling, temperature) strata in ``stratum_order``,
-    randomly (seeded) within a stratum, so the picks for K lie inside those for any larger K."""
+    randomly (seeded) within a stratum, so the picks for K lie inside those for any larger K.
+    ``rounds``: write the first pick of every molecule, then the second of every molecule, ...,
+    smallest molecules (fewest atoms) first within a round (same frames, other order), so a
+    labelling run cut off part-way has covered the most molecules for its CPU time."""
     import numpy as np
     from ase.io import read
 
     missing = [r["name"] for r in rows if not (out_dir / f"{r['name']}.extxyz").exists()]
     if missing:
         raise SystemExit(f"{len(missing)} molecules have no frames yet: {', '.join(missing[:10])} ...")
-    out = []
+    per_molecule = []
     for row in rows:
         frames = read(str(out_dir / f"{row['name']}.extxyz"), index=":", format="extxyz")
         if pick is not None:
@@ -616,7 +621,13 @@ def combine(rows, out_dir: Path, target: Path, pick: Optional[int], seed: int) -
                     if q:
                         order.append(int(q.pop(0)))
             frames = [frames[k] for k in order[:pick]]
-        out.extend(frames)
+        per_molecule.append(frames)
+    if rounds:
+        depth = max((len(f) for f in per_molecule), default=0)
+        by_size = sorted(per_molecule, key=lambda f: len(f[0]) if f else 0)  # stable: CSV order within a size
+        out = [f[k] for k in range(depth) for f in by_size if k < len(f)]
+    else:
+        out = [frame for frames in per_molecule for frame in frames]
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(target, out)
     print(f"wrote {len(out)} frames of {len(rows)} molecules to {target}")
@@ -634,6 +645,7 @@ def parse_args(argv=None):
     sel.add_argument("--range", dest="span", help="rows START:END of the CSV (0-based, end excluded), or one row")
     sel.add_argument("--families", help="comma-separated families")
     sel.add_argument("--max-heavy", type=int, help="at most this many heavy atoms")
+    sel.add_argument("--min-heavy", type=int, help="at least this many heavy atoms")
     smp = p.add_argument_group("sampling")
     smp.add_argument("--frames", type=int, default=d.frames, help="frames per molecule, the minimum included")
     smp.add_argument("--md-fraction", type=float, default=d.md_fraction,
@@ -659,6 +671,9 @@ def parse_args(argv=None):
                      help="like --dry-run, but measure the xTB cost of each selected molecule (a few calls)")
     run.add_argument("--combine", metavar="FILE", help="concatenate the selected molecules' frames into FILE")
     run.add_argument("--pick", type=int, help="with --combine: this many frames per molecule (nested in K)")
+    run.add_argument("--rounds", action="store_true",
+                     help="with --combine: first pick of every molecule, then the second, ... (for labelling "
+                          "runs that may stop part-way)")
     args = p.parse_args(argv)
     args.protocol = Protocol(
         frames=args.frames, md_fraction=args.md_fraction,
@@ -680,11 +695,11 @@ def main(argv=None) -> int:
     problems = catalog.check(rows)
     if problems:
         raise SystemExit("molecules.csv has problems (run catalog.py):\n" + "\n".join(problems))
-    rows = select(rows, args.names, args.span, args.families, args.max_heavy)
+    rows = select(rows, args.names, args.span, args.families, args.max_heavy, args.min_heavy)
     out_dir = Path(args.out)
     protocol = args.protocol
     if args.combine:
-        combine(rows, out_dir, Path(args.combine), args.pick, protocol.seed)
+        combine(rows, out_dir, Path(args.combine), args.pick, protocol.seed, args.rounds)
         return 0
     if args.dry_run or args.budget:
         print_plan(rows, protocol, out_dir, measure=args.budget)
