@@ -185,6 +185,7 @@ def run_recipe(
          "fidelity": entry["fidelity"]}
         for entry, graphs in zip(recipe["datasets"], test_graphs) if graphs
     ]
+    test_by_molecule = errors_by_group(forcefield, recipe, splits, test_graphs, fidelities)
     provenance = [
         {k: v for k, v in e.items() if k not in ("seed",)} | {"split_seed": e.get("seed", 0)}
         for e in recipe["datasets"]
@@ -200,6 +201,7 @@ def run_recipe(
         "epochs_run": summary["epochs_run"],
         "test_errors": test_errors,
         "test_errors_by_dataset": test_by_dataset,
+        "test_errors_by_molecule": test_by_molecule,
         "held_out": recipe.get("held_out", {}),
         "training_data": provenance,
         "aliases": recipe.get("aliases", {}),
@@ -222,6 +224,41 @@ def run_recipe(
     (out_dir / "README.md").write_text(card_markdown(out_dir.name, recipe, card))
     log(f"wrote {out_dir / 'model.pt'}")
     return card
+
+
+def errors_by_group(forcefield, recipe, splits, test_graphs, fidelities) -> List[Dict[str, Any]]:
+    """Test errors of each held-out molecule (group) of the datasets split by group."""
+    rows = []
+    for k, (entry, graphs) in enumerate(zip(recipe["datasets"], test_graphs)):
+        if "split_by" not in entry or not graphs:
+            continue
+        groups = [s.group for s in splits[f"test:{k}"]]
+        assert len(groups) == len(graphs)
+        for group in dict.fromkeys(groups):
+            subset = [g for g, name in zip(graphs, groups) if name == group]
+            errors = evaluate(forcefield, subset, fidelities)[entry["fidelity"]]
+            rows.append({"dataset": Path(entry["path"]).name, "fidelity": entry["fidelity"], "molecule": group}
+                        | errors)
+    return rows
+
+
+def molecule_table(rows: List[Dict[str, Any]]) -> List[str]:
+    """Markdown: one line per held-out molecule, one column per dataset split by molecule."""
+    datasets = list(dict.fromkeys((r["dataset"], r["fidelity"]) for r in rows))
+    cells = {(r["molecule"], r["dataset"]): r for r in rows}
+    lines = ["| molecule | " + " | ".join(f"{fid} (`{ds}`)" for ds, fid in datasets) + " |",
+             "|---|" + "---|" * len(datasets)]
+    for molecule in dict.fromkeys(r["molecule"] for r in rows):
+        out = []
+        for ds, _ in datasets:
+            r = cells.get((molecule, ds))
+            if r is None:
+                out.append("")
+            else:
+                text = f"{1000 * r['energy_mae']:.0f} ({1000 * r['energy_residual_std']:.0f})"
+                out.append(text + (f" / {1000 * r['forces_mae']:.0f}" if "forces_mae" in r else ""))
+        lines.append(f"| {molecule} | " + " | ".join(out) + " |")
+    return lines
 
 
 def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> str:
@@ -282,5 +319,10 @@ def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> st
             f_mae = f"{1000 * r['forces_mae']:.1f}" if "forces_mae" in r else "-"
             lines.append(f"| `{r['dataset']}` | {r['fidelity']} | {r['n']} | {1000 * r['energy_mae']:.2f} | "
                          f"{1000 * r['energy_mae_per_atom']:.2f} | {f_mae} |")
+    by_molecule = card.get("test_errors_by_molecule") or []
+    if by_molecule:
+        lines += ["", "### Held-out molecules, one by one", "",
+                  "Energy MAE in meV (in brackets: its spread within the molecule, offset removed) / "
+                  "forces MAE in meV/Å where the data has forces.", ""] + molecule_table(by_molecule)
     lines += ["", "## Model", "", "```", json.dumps(recipe.get("model", {})), "```", ""]
     return "\n".join(lines)

@@ -9,7 +9,8 @@ import yaml
 from mfcalc import MFCalculator, read_metadata
 from mfcalc.data import read_extxyz, read_gdml_npz, split_indices
 from mfcalc.recipe import run_recipe
-from mfcalc.training import fit_reference, sampling_weights, to_graphs
+from mfcalc.finetune import load_base
+from mfcalc.training import evaluate, fit_reference, sampling_weights, to_graphs
 from mfcalc.units import KCAL_PER_MOL_TO_EV
 
 from pathlib import Path
@@ -174,13 +175,13 @@ def test_exporting_a_trained_checkpoint_keeps_aliases_and_default_fidelity(tmp_p
     assert again["checksum"] == first["checksum"]
 
 
-def _named_frames(path, names=("water", "ammonia", "methane"), per=4):
+def _named_frames(path, names=("water", "ammonia", "methane"), per=4, formulas=("H2O", "NH3", "CH4")):
     from ase.build import molecule
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
     frames = []
-    for name, formula in zip(names, ("H2O", "NH3", "CH4")):
+    for name, formula in zip(names, formulas):
         for k in range(per):
             atoms = molecule(formula)
             atoms.rattle(0.02, seed=k)
@@ -225,3 +226,33 @@ def test_held_out_molecules_keep_all_their_frames_out_of_training(tmp_path):
     recipe["datasets"][0]["split_by"] = "molecule"
     with pytest.raises(KeyError, match="no info key 'molecule'"):
         load_datasets(recipe, tmp_path)
+
+
+def test_card_lists_each_held_out_molecule(tmp_path):
+    """run_recipe's card: one row per held-out test molecule and dataset split by molecule, each
+    the errors of that molecule's frames alone; the README shows them as a table."""
+    from mfcalc.recipe import load_datasets
+
+    names = ("water", "ammonia", "methane", "methanol", "formaldehyde")
+    formulas = ("H2O", "NH3", "CH4", "CH3OH", "H2CO")
+    _named_frames(tmp_path / "a.extxyz", names, per=3, formulas=formulas)
+    _named_frames(tmp_path / "b.extxyz", names, per=2, formulas=formulas)
+    recipe = {
+        "output": "run", "model": {"features": 8, "layers": 1},
+        "held_out": {"test": ["water", "methane"], "val": ["formaldehyde"]},
+        "datasets": [{"path": "a.extxyz", "fidelity": "lo", "split_by": "name"},
+                     {"path": "b.extxyz", "fidelity": "hi", "split_by": "name"}],
+        "training": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    card = run_recipe(str(tmp_path / "r.yaml"), log=lambda *a: None)
+    rows = card["test_errors_by_molecule"]
+    assert [(r["dataset"], r["molecule"], r["n"]) for r in rows] == [
+        ("a.extxyz", "water", 3), ("a.extxyz", "methane", 3), ("b.extxyz", "water", 2), ("b.extxyz", "methane", 2)]
+    forcefield = load_base(tmp_path / "run" / "model.pt")[0].double()
+    splits = load_datasets(recipe, tmp_path, by_dataset=True)
+    methane = [s for s in splits["test:1"] if s.group == "methane"]
+    direct = evaluate(forcefield, to_graphs(methane, ["lo", "hi"], forcefield.cutoff), ["lo", "hi"])["hi"]
+    assert rows[3]["energy_mae"] == pytest.approx(direct["energy_mae"], rel=1e-6)
+    readme = (tmp_path / "run" / "README.md").read_text()
+    assert "### Held-out molecules, one by one" in readme and "| methane | " in readme
