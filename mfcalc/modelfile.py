@@ -22,7 +22,7 @@ from .model import MultiFidelityPaiNN
 FORMAT_VERSION = 1
 METADATA_NAME = "mfcalc.json"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = "ethanol-mf"  # what MFCalculator() and the command line load without a model name
+DEFAULT_MODEL = "chno-mf"  # what MFCalculator() and the command line load without a model name
 
 
 class ModelFileError(RuntimeError):

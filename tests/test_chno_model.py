@@ -21,7 +21,7 @@ CARD = json.loads((ROOT / "models" / "chno-mf" / "card.json").read_text())
 def test_fidelities_aliases_and_elements():
     calc = MFCalculator("chno-mf", fidelity="CCSD(T)", device="cpu")
     assert calc.fidelity == "CCSD(T)/cc-pVDZ"
-    assert {"GFN2-xTB", "PBE/def2-SVP", "CCSD(T)/cc-pVDZ", "CCSD(T)/cc-pVTZ"} <= set(calc.fidelities)
+    assert {"GFN2-xTB", "PBE/def2-SVP", "MP2/cc-pVDZ", "CCSD(T)/cc-pVDZ", "CCSD(T)/cc-pVTZ"} <= set(calc.fidelities)
     assert calc.elements == [1, 6, 7, 8]
     with pytest.raises(ValueError, match=r"\[.Si.\] are not in this model; it knows \[.H., .C., .N., .O.\]"):
         atoms = molecule("SiH4")
@@ -29,9 +29,16 @@ def test_fidelities_aliases_and_elements():
         atoms.get_potential_energy()
 
 
+def test_it_is_the_default_model():
+    calc = MFCalculator(fidelity="CCSD(T)", device="cpu")
+    assert calc.metadata["checksum"] == MFCalculator("chno-mf", device="cpu").metadata["checksum"]
+    assert calc.fidelity == "CCSD(T)/cc-pVDZ" and MFCalculator(fidelity="MP2", device="cpu").fidelity == "MP2/cc-pVDZ"
+
+
 def test_held_out_molecules_match_the_card():
-    """Every frame of the 30 test molecules at GFN2-xTB and PBE/def2-SVP, recomputed from the
-    recipe's split, has the errors written in the card (same split, same weights)."""
+    """Every frame of the 30 test molecules at every data/chno fidelity, recomputed from the
+    recipe's split, has the errors written in the card (same split, same weights), and so does
+    each molecule on its own."""
     recipe_path = ROOT / "recipes" / "chno-mf.yaml"
     recipe = read_recipe(recipe_path)
     splits = load_datasets(recipe, recipe_path.parent, by_dataset=True)
@@ -49,6 +56,10 @@ def test_held_out_molecules_match_the_card():
         assert errors["energy_mae"] == pytest.approx(rows[name]["energy_mae"], rel=1e-3)
         if "forces_mae" in rows[name]:
             assert errors["forces_mae"] == pytest.approx(rows[name]["forces_mae"], rel=1e-3)
+        molecules = [r for r in CARD["test_errors_by_molecule"] if r["dataset"] == name]
+        assert sum(r["n"] for r in molecules) == errors["n"]
+        weighted = sum(r["n"] * r["energy_mae"] for r in molecules) / errors["n"]
+        assert weighted == pytest.approx(errors["energy_mae"], rel=1e-3)
 
 
 @pytest.mark.parametrize("fidelity", ["GFN2-xTB", "PBE/def2-SVP", "CCSD(T)"])
