@@ -93,10 +93,18 @@ def collate(graphs: Sequence[Graph], dtype: torch.dtype = torch.float32) -> Dict
 
 def fit_reference(graphs: Sequence[Graph], n_fidelities: int, elements: List[int]) -> Dict[str, torch.Tensor]:
     """Per-fidelity, per-element reference energies by least squares on composition, and the
-    output scale (RMS of the force components). When every structure of a fidelity has the same
-    composition only the total is determined; the minimum-norm solution is taken."""
+    output scale (RMS of the force components).
+
+    A fidelity whose data do not determine every element's reference (one molecule, one reaction,
+    an element absent) borrows the undetermined part from a fidelity that does determine them all:
+    the one whose references best explain its energies (smallest RMS error per atom), so that a
+    molecule of another composition at that level of theory is not off by whole atomic energies.
+    The borrowed part lies in the null space of the fidelity's own compositions: its fit to its
+    own data is the same as the minimum-norm solution's. With no fully determined fidelity the
+    minimum-norm solution is kept."""
     column = {z: k for k, z in enumerate(elements)}
     e0 = torch.zeros(n_fidelities, len(elements), dtype=torch.float64)
+    systems = {}
     for f in range(n_fidelities):
         rows = [g for g in graphs if g.fidelity == f]
         if not rows:
@@ -106,8 +114,20 @@ def fit_reference(graphs: Sequence[Graph], n_fidelities: int, elements: List[int
             for z in g.numbers.tolist():
                 counts[r, column[z]] += 1
         energies = np.array([g.energy for g in rows])
-        solution = np.linalg.lstsq(counts, energies, rcond=None)[0]
-        e0[f] = torch.from_numpy(solution)
+        systems[f] = (counts, energies)
+        e0[f] = torch.from_numpy(np.linalg.lstsq(counts, energies, rcond=None)[0])
+    determined = [f for f, (counts, _) in systems.items() if np.linalg.matrix_rank(counts) == len(elements)]
+    for f, (counts, energies) in systems.items():
+        if f in determined or not determined:
+            continue
+        atoms = counts.sum(axis=1)
+
+        def misfit(g: int) -> float:
+            return float(np.sqrt(np.mean(((energies - counts @ e0[g].numpy()) / atoms) ** 2)))
+
+        prior = e0[min(determined, key=misfit)].numpy()
+        correction = np.linalg.lstsq(counts, energies - counts @ prior, rcond=None)[0]
+        e0[f] = torch.from_numpy(prior + correction)
     forces = [g.forces for g in graphs if g.forces is not None]
     scale = torch.cat(forces).pow(2).mean().sqrt() if forces else torch.tensor(1.0)
     return {"e0": e0, "scale": scale.to(torch.float64)}

@@ -256,3 +256,34 @@ def test_card_lists_each_held_out_molecule(tmp_path):
     assert rows[3]["energy_mae"] == pytest.approx(direct["energy_mae"], rel=1e-6)
     readme = (tmp_path / "run" / "README.md").read_text()
     assert "### Held-out molecules, one by one" in readme and "| methane | " in readme
+
+
+def test_reference_energies_of_a_one_molecule_fidelity_borrow_from_a_broad_one():
+    """'hi' has one composition (ethanol) only, 'lo' many: hi's references reproduce its own data
+    exactly as the minimum-norm fit does, and for other compositions land near the truth (lo's
+    per-element energies plus a small per-element shift) instead of whole atomic energies off;
+    'far' (other energy scale) does not serve as the prior."""
+    from types import SimpleNamespace
+
+    import torch
+
+    rng = np.random.default_rng(0)
+    elements = [1, 6, 7, 8]
+    true = {"lo": np.array([-13.6, -1029.0, -1484.0, -2041.0]), "far": np.array([-10.7, -48.8, -71.0, -103.0])}
+    true["hi"] = true["lo"] + np.array([-0.05, -0.9, -1.1, -1.3])
+    compositions = [[1, 1, 8], [6, 1, 1, 1, 1], [7, 1, 1, 1], [6, 8, 1, 1], [7, 7], [6, 7, 1]]
+    ethanol = [6, 6, 8, 1, 1, 1, 1, 1, 1]
+    graphs = []
+    for fid, f, comps in [("lo", 0, compositions), ("far", 1, compositions), ("hi", 2, [ethanol] * 5)]:
+        for numbers in comps * 2:
+            e = sum(true[fid][elements.index(z)] for z in numbers) + rng.normal(0, 0.01)
+            graphs.append(SimpleNamespace(fidelity=f, numbers=torch.tensor(numbers), energy=e, forces=None))
+    e0 = fit_reference(graphs, 3, elements)["e0"].numpy()
+    counts = lambda numbers: np.array([numbers.count(z) for z in elements])  # noqa: E731
+    hi_mean = np.mean([g.energy for g in graphs if g.fidelity == 2])
+    assert counts(ethanol) @ e0[2] == pytest.approx(hi_mean, abs=1e-6)  # own data: as before
+    pyridine = [6] * 5 + [7] + [1] * 5
+    truth = counts(pyridine) @ true["hi"]
+    assert abs(counts(pyridine) @ e0[2] - truth) < 3.0  # eV; the minimum-norm fit misses by ~1500
+    minimum_norm = np.linalg.lstsq(np.array([counts(ethanol)]), [hi_mean], rcond=None)[0]
+    assert abs(counts(pyridine) @ minimum_norm - truth) > 1000
