@@ -91,46 +91,55 @@ def collate(graphs: Sequence[Graph], dtype: torch.dtype = torch.float32) -> Dict
     }
 
 
+def composition_systems(records, n_fidelities: int, elements: List[int]) -> Dict[int, tuple]:
+    """{fidelity: (element counts [structures, elements], energies)} from (fidelity index,
+    atomic numbers, energy) records: the least-squares systems of the reference energies."""
+    column = {z: k for k, z in enumerate(elements)}
+    rows: Dict[int, list] = {}
+    for f, numbers, energy in records:
+        rows.setdefault(int(f), []).append((np.bincount([column[int(z)] for z in numbers], minlength=len(elements)),
+                                            float(energy)))
+    return {f: (np.array([c for c, _ in r], dtype=float), np.array([e for _, e in r]))
+            for f, r in sorted(rows.items()) if f < n_fidelities}
+
+
+def borrow_undetermined_references(e0: np.ndarray, systems: Dict[int, tuple]) -> Dict[int, int]:
+    """In place: each fidelity whose compositions do not determine every element's reference
+    takes the undetermined part (the null space of its compositions) from the fully determined
+    fidelity whose references best explain its energies (smallest RMS error per atom); its fit to
+    its own data is unchanged. Returns {fidelity: the fidelity it borrowed from}."""
+    n_elements = e0.shape[1]
+    determined = [f for f, (counts, _) in systems.items() if np.linalg.matrix_rank(counts) == n_elements]
+    borrowed = {}
+    for f, (counts, energies) in systems.items():
+        if f in determined or not determined:
+            continue
+        atoms = counts.sum(axis=1)
+        prior = min(determined, key=lambda g: np.mean(((energies - counts @ e0[g]) / atoms) ** 2))
+        row_space = np.linalg.svd(counts, full_matrices=False)[2][: np.linalg.matrix_rank(counts)]
+        e0[f] += (np.eye(n_elements) - row_space.T @ row_space) @ (e0[prior] - e0[f])
+        borrowed[f] = prior
+    return borrowed
+
+
 def fit_reference(graphs: Sequence[Graph], n_fidelities: int, elements: List[int]) -> Dict[str, torch.Tensor]:
     """Per-fidelity, per-element reference energies by least squares on composition, and the
     output scale (RMS of the force components).
 
     A fidelity whose data do not determine every element's reference (one molecule, one reaction,
-    an element absent) borrows the undetermined part from a fidelity that does determine them all:
-    the one whose references best explain its energies (smallest RMS error per atom), so that a
-    molecule of another composition at that level of theory is not off by whole atomic energies.
-    The borrowed part lies in the null space of the fidelity's own compositions: its fit to its
-    own data is the same as the minimum-norm solution's. With no fully determined fidelity the
-    minimum-norm solution is kept."""
-    column = {z: k for k, z in enumerate(elements)}
-    e0 = torch.zeros(n_fidelities, len(elements), dtype=torch.float64)
-    systems = {}
-    for f in range(n_fidelities):
-        rows = [g for g in graphs if g.fidelity == f]
-        if not rows:
-            continue
-        counts = np.zeros((len(rows), len(elements)))
-        for r, g in enumerate(rows):
-            for z in g.numbers.tolist():
-                counts[r, column[z]] += 1
-        energies = np.array([g.energy for g in rows])
-        systems[f] = (counts, energies)
-        e0[f] = torch.from_numpy(np.linalg.lstsq(counts, energies, rcond=None)[0])
-    determined = [f for f, (counts, _) in systems.items() if np.linalg.matrix_rank(counts) == len(elements)]
+    an element absent) borrows the undetermined part from a fidelity that does
+    (``borrow_undetermined_references``), so that a molecule of another composition at that level
+    of theory is not off by whole atomic energies; its fit to its own data is that of the
+    minimum-norm solution. With no fully determined fidelity the minimum-norm solution is kept."""
+    systems = composition_systems(((g.fidelity, g.numbers.tolist(), g.energy) for g in graphs),
+                                  n_fidelities, elements)
+    e0 = np.zeros((n_fidelities, len(elements)))
     for f, (counts, energies) in systems.items():
-        if f in determined or not determined:
-            continue
-        atoms = counts.sum(axis=1)
-
-        def misfit(g: int) -> float:
-            return float(np.sqrt(np.mean(((energies - counts @ e0[g].numpy()) / atoms) ** 2)))
-
-        prior = e0[min(determined, key=misfit)].numpy()
-        correction = np.linalg.lstsq(counts, energies - counts @ prior, rcond=None)[0]
-        e0[f] = torch.from_numpy(prior + correction)
+        e0[f] = np.linalg.lstsq(counts, energies, rcond=None)[0]
+    borrow_undetermined_references(e0, systems)
     forces = [g.forces for g in graphs if g.forces is not None]
     scale = torch.cat(forces).pow(2).mean().sqrt() if forces else torch.tensor(1.0)
-    return {"e0": e0, "scale": scale.to(torch.float64)}
+    return {"e0": torch.from_numpy(e0), "scale": scale.to(torch.float64)}
 
 
 @torch.no_grad()
