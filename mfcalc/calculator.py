@@ -261,7 +261,7 @@ class MFCalculator(Calculator):
         if backend == "auto":
             from .neighbors import pick_backend
 
-            backend = pick_backend(len(atoms), self.device)
+            backend = pick_backend(len(atoms), self.device, bool(atoms.pbc.any()))
         self._backend = backend
         self._checked_structure = key
 

@@ -110,7 +110,7 @@ class ForceField(nn.Module):
     ) -> List[Tensor]:
         """Pairs within the model's cutoff for one structure: [edge_index, shifts]."""
         if backend == "auto":
-            backend = pick_backend(positions.shape[0], positions.device)
+            backend = pick_backend(positions.shape[0], positions.device, bool(pbc.any()))
         if backend == "dense":
             edge_index, shifts = dense_neighbor_list(positions, cell, pbc, self.cutoff)
         elif backend == "vesin":

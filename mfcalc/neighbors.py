@@ -22,9 +22,12 @@ from torch import Tensor
 
 BACKENDS = ("auto", "dense", "vesin", "torch-cluster")
 
-# Above this many atoms `auto` leaves the dense all-pairs search for a cell list (measured on a
-# 2-core CPU, see benchmarks/neighbor_lists.py). On CUDA the dense search stays cheaper longer.
-DENSE_MAX_ATOMS_CPU = 96
+# Above this many atoms `auto` leaves the dense all-pairs search for a cell list. Measured on a
+# 2-core CPU (benchmarks/results/neighbor_lists.md, µs per search, dense / vesin): molecules
+# 9 atoms 54 / 149, 24 atoms 126 / 101, 48 atoms 141 / 120; periodic cells 9 atoms 846 / 290
+# (the dense search loops over periodic images), so on a CPU periodic cells always use vesin.
+# On CUDA the dense search stays cheaper longer (not re-measured; kept from mfcalc 0.3).
+DENSE_MAX_ATOMS_CPU = 24
 DENSE_MAX_ATOMS_CUDA = 1024
 
 
@@ -140,12 +143,14 @@ def vesin_neighbor_list(
 def pick_backend(
     n_atoms: int,
     device: torch.device,
+    periodic: bool = False,
     dense_max_cpu: int = DENSE_MAX_ATOMS_CPU,
     dense_max_cuda: int = DENSE_MAX_ATOMS_CUDA,
 ) -> str:
     """The backend ``auto`` uses for a structure of ``n_atoms`` on ``device``."""
-    limit = dense_max_cuda if device.type == "cuda" else dense_max_cpu
-    return "dense" if n_atoms <= limit else "vesin"
+    if device.type == "cuda":
+        return "dense" if n_atoms <= dense_max_cuda else "vesin"
+    return "dense" if n_atoms <= dense_max_cpu and not periodic else "vesin"
 
 
 def torch_cluster_neighbor_list(
@@ -199,7 +204,7 @@ def neighbor_list(
 ) -> Tuple[Tensor, Tensor]:
     """Full neighbor list of one structure with the chosen backend (see module docstring)."""
     if backend == "auto":
-        backend = pick_backend(positions.shape[0], positions.device)
+        backend = pick_backend(positions.shape[0], positions.device, bool(pbc.any()))
     if backend == "dense":
         return dense_neighbor_list(positions, cell, pbc, cutoff)
     if backend == "vesin":

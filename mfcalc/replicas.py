@@ -16,6 +16,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from .calculator import MFCalculator
+from .compiled import DENSE_GRAPH_MAX_ATOMS
 from .neighbors import pick_backend
 
 
@@ -36,7 +37,7 @@ def batch_pairs(calc: MFCalculator, positions: torch.Tensor, structures: Sequenc
         pbc = torch.tensor(atoms.pbc, device=calc.device)
         backend = calc.neighbor_backend
         if backend in ("auto", "torch-cluster"):  # the model file holds dense and vesin only
-            backend = pick_backend(n, calc.device)
+            backend = pick_backend(n, calc.device, bool(atoms.pbc.any()))
         e, s = calc.module.neighbor_list(positions[start : start + n], cell, pbc, backend)
         edges.append(e + offset)
         shifts.append(s)
@@ -99,7 +100,8 @@ class ReplicaMD:
     ``temperature`` and ``friction`` (1/fs) > 0 give Langevin dynamics (BAOAB), friction 0 gives
     Velocity Verlet (NVE). Replicas must be non-periodic molecules of at most a few hundred atoms
     (the pair list is an all-pairs search inside each replica, batched). A calculator made with
-    ``compile=True`` runs the forces through the compiled graph.
+    ``compile=True`` runs the forces through one compiled graph: for molecules of up to
+    ``DENSE_GRAPH_MAX_ATOMS`` atoms the dense one (mfcalc.dense), with no pair search at all.
     """
 
     def __init__(
@@ -144,10 +146,15 @@ class ReplicaMD:
         return [edge_index, torch.zeros((edge_index.shape[1], 3), dtype=self.positions.dtype, device=self.positions.device)]
 
     def _forces(self):
+        compiled = hasattr(self.calc.module, "molecules")  # MFCalculator(compile=True)
+        if compiled and self.n_atoms <= DENSE_GRAPH_MAX_ATOMS:  # one dense fused graph, no pair search
+            out = self.calc.module.molecules(self.positions, self.numbers.view(self.n_replicas, self.n_atoms),
+                                             self.fidelity)
+            return out["energy"], out["forces"]
         edge_index, shifts = self._pairs()
-        if hasattr(self.calc.module, "molecules"):  # MFCalculator(compile=True): one fused graph
-            out = self.calc.module.molecules(self.positions.reshape(-1, 3), self.numbers, edge_index,
-                                             self.fidelity[self.batch])
+        if compiled:
+            out = self.calc.module.flat_molecules(self.positions.reshape(-1, 3), self.numbers, edge_index,
+                                                  self.fidelity[self.batch])
             energy = out["energies"].view(self.n_replicas, self.n_atoms).sum(dim=1)
             return energy, out["forces"].view(self.n_replicas, self.n_atoms, 3)
         out = self.calc.module.forward(

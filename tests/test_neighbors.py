@@ -75,3 +75,15 @@ def test_pair_vectors_follow_the_shift_convention(backend):
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="unknown neighbor-list backend 'kdtree'.*dense"):
         neighbor_list(torch.zeros(2, 3), torch.zeros(3, 3), torch.zeros(3, dtype=torch.bool), 5.0, "kdtree")
+
+
+def test_auto_picks_by_size_and_periodicity():
+    """On a CPU `auto` takes the all-pairs search only for small molecules; periodic cells go
+    to the cell list whatever their size (the dense search loops over images)."""
+    from mfcalc.neighbors import DENSE_MAX_ATOMS_CPU, pick_backend
+
+    cpu = torch.device("cpu")
+    assert pick_backend(9, cpu) == "dense"
+    assert pick_backend(DENSE_MAX_ATOMS_CPU + 1, cpu) == "vesin"
+    assert pick_backend(9, cpu, periodic=True) == "vesin"
+    assert pick_backend(9, torch.device("cuda"), periodic=True) == "dense"
