@@ -1,7 +1,7 @@
 """Replica MD throughput: R ethanol replicas advanced together by mfcalc.ReplicaMD (one batched
 force call per step) versus R independent ASE Velocity-Verlet runs one after another.
 
-    python benchmarks/replicas.py [--replicas 1 4 16 64 256] [--dtype float32]
+    python benchmarks/replicas.py [--model chno-mf] [--replicas 1 4 16 64 256] [--dtype float32]
 
 Prints atom-steps per second and the speed-up, writes benchmarks/results/replicas.md and a PNG
 of the scaling curve.
@@ -21,6 +21,7 @@ from ase.md.verlet import VelocityVerlet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mfcalc import MFCalculator, ReplicaMD  # noqa: E402
+from mfcalc.modelfile import DEFAULT_MODEL  # noqa: E402
 from mfcalc.workflows import thermalize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -28,6 +29,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
@@ -39,11 +41,11 @@ def main():
     rows, baselines = [], {}
     # a throwaway MD run first, so that process start-up costs land in no timed row (see md_speed.py)
     warm = molecule("CH3CH2OH")
-    warm.calc = MFCalculator("ethanol-mf", dtype=args.dtype, device="cpu")
+    warm.calc = MFCalculator(args.model, dtype=args.dtype, device="cpu")
     thermalize(warm, 300, np.random.default_rng(0))
     VelocityVerlet(warm, 0.5 * units.fs).run(300)
     for compile in (False, True):
-        calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)", dtype=args.dtype, device="cpu", compile=compile)
+        calc = MFCalculator(args.model, fidelity="CCSD(T)", dtype=args.dtype, device="cpu", compile=compile)
         path = "compile=True" if compile else "TorchScript"
         atoms = molecule("CH3CH2OH")
         atoms.calc = calc
@@ -73,7 +75,7 @@ def main():
             print(f"{path:12s} {r:4d} replicas: {1000 * step:8.2f} ms per step, {rate:12,.0f} atom-steps/s, "
                   f"{rate / ase_rate:6.1f}x ASE", flush=True)
     lines = [
-        "# Replica MD throughput: ethanol, ethanol-mf at CCSD(T)",
+        f"# Replica MD throughput: ethanol, {args.model} at CCSD(T)",
         "",
         f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, CPU, {args.dtype}. "
         "Baseline for each force path: ASE Velocity Verlet with MFCalculator on the same path, one run after "

@@ -68,8 +68,8 @@ def test_replicas_reject_mixed_sizes_and_cells(tiny_model):
 
 
 def test_compiled_replicas_follow_the_same_trajectory(tiny_model):
-    """ReplicaMD with a compile=True calculator (one fused graph for all replicas) gives the
-    trajectory of the TorchScript path."""
+    """ReplicaMD with a compile=True calculator (dense fused graph, replicas in chunks) gives
+    the trajectory of the TorchScript path (pair list, all replicas in one call)."""
     replicas = []
     for seed in range(2):
         atoms = molecule("CH3CH2OH")
@@ -79,6 +79,7 @@ def test_compiled_replicas_follow_the_same_trajectory(tiny_model):
     for compile in (False, True):
         calc = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu", compile=compile)
         md = ReplicaMD(calc, [a.copy() for a in replicas], timestep=0.5, friction=0.0)
+        md.chunk = 1  # compiled: one replica per dense force call, then concatenated
         md.run(5)
         runs.append((md.positions.numpy().copy(), md.energy.numpy().copy()))
     np.testing.assert_allclose(runs[1][0], runs[0][0], atol=1e-10)
