@@ -14,6 +14,7 @@ benchmarks/results/. A zero-cost calculator gives ASE's own floor per step.
 import argparse
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from ase.md.verlet import VelocityVerlet
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import aspirin, available_backends, ethanol, median_time, water_box  # noqa: E402
+from common import aspirin, available_backends, ethanol, water_box  # noqa: E402
 
 from mfcalc import MFCalculator  # noqa: E402
 from mfcalc.calculator import exact_changes  # noqa: E402
@@ -53,22 +54,43 @@ class ZeroCalculator(Calculator):
         self.results = {"energy": 0.0, "forces": np.zeros((len(self.atoms), 3))}
 
 
-def ms_per_step(atoms, calc, steps: int, repeats: int, timestep: float = 0.5) -> float:
-    atoms = atoms.copy()
-    atoms.calc = calc
-    if timestep < 0.1:  # a cost probe: heavy atoms barely move, the work per step is unchanged
-        atoms.set_masses(atoms.get_masses() * 1e4)
-    thermalize(atoms, 300, np.random.default_rng(0))
-    dyn = VelocityVerlet(atoms, timestep * units.fs)
-    warmup = 20 if len(atoms) < 100 else 3  # TorchScript optimises a function after its first calls
-    extent = np.ptp(atoms.positions, axis=0).max()
-    ms = 1000 * median_time(lambda: dyn.run(1), repeats=repeats, number=steps, warmup=warmup)
-    grew = np.ptp(atoms.positions, axis=0).max() / extent
-    if not atoms.pbc.any() and grew > 2:  # a model that does not know the molecule blows it apart,
-        # and a cell-list search over the exploded box then costs far more than for the molecule
-        print(f"WARNING: the molecule came apart in this run (extent x{grew:.0f}); "
-              "this row is not the cost of a stable trajectory", flush=True)
-    return ms
+class Run:
+    """One calculator's MD on its own copy of a system, ready to be timed a few steps at a time."""
+
+    def __init__(self, atoms, calc, timestep: float, steps: int):
+        self.atoms = atoms.copy()
+        self.atoms.calc = calc
+        if timestep < 0.1:  # a cost probe: heavy atoms barely move, the work per step is unchanged
+            self.atoms.set_masses(self.atoms.get_masses() * 1e4)
+        thermalize(self.atoms, 300, np.random.default_rng(0))
+        self.dyn = VelocityVerlet(self.atoms, timestep * units.fs)
+        self.steps = steps
+        self.extent = np.ptp(self.atoms.positions, axis=0).max()
+        # compiles (tens of seconds the first time, cached on disk); TorchScript optimises a
+        # function after its first calls
+        self.dyn.run(20 if len(atoms) < 100 else 3)
+        self.samples = []
+
+    def sample(self) -> None:
+        start = time.perf_counter()
+        self.dyn.run(self.steps)
+        self.samples.append(1000 * (time.perf_counter() - start) / self.steps)
+
+    def ms(self) -> float:
+        grew = np.ptp(self.atoms.positions, axis=0).max() / self.extent
+        if not self.atoms.pbc.any() and grew > 2:  # a model that does not know the molecule blows it
+            # apart, and a cell-list search over the exploded box then costs far more
+            print(f"WARNING: the molecule came apart in this run (extent x{grew:.0f}); "
+                  "this row is not the cost of a stable trajectory", flush=True)
+        return float(np.median(self.samples))
+
+
+def interleaved(runs, repeats: int) -> None:
+    """Round-robin: every run takes one sample per round, so a slow drift of the shared host
+    (up to 2x here over minutes) hits every row of a system alike and the ratios hold."""
+    for _ in range(repeats):
+        for run in runs.values():
+            run.sample()
 
 
 def main():
@@ -109,37 +131,40 @@ def main():
     rows = []
     # a throwaway run first, so that process start-up costs (thread pools, allocator, the first
     # TorchScript optimisation) land in no table row (measured: 4.27 vs 4.02 ms/step for ethanol)
-    warm = ms_per_step(ethanol(), MFCalculator(args.model, dtype="float32", device="cpu"), 100, 3, 0.5)
-    print(f"process warm-up (not in the table): ethanol float32 {warm:.2f} ms/step", flush=True)
-
-    def add(system, calculator, dtype, backend, t):
-        rows.append((system, calculator, dtype, backend, t))
-        print(f"{system:32s} {calculator:28s} {dtype:8s} {backend:16s} {t:9.2f} ms/step", flush=True)
+    warm = Run(ethanol(), MFCalculator(args.model, dtype="float32", device="cpu"), 0.5, 100)
+    interleaved({"warm": warm}, 3)
+    print(f"process warm-up (not in the table): ethanol float32 {warm.ms():.2f} ms/step", flush=True)
 
     for name, (atoms, steps, dt) in systems.items():
+        runs = {}  # (calculator, dtype, backend) -> Run, timed together below
         for exact in (False, True):
             label = "exact state check" if exact else "ASE default state check"
-            add(name, f"zero-cost ({label})", "-", "-", ms_per_step(atoms, ZeroCalculator(exact), steps * 4, repeats, dt))
+            runs[f"zero-cost ({label})", "-", "-"] = Run(atoms, ZeroCalculator(exact), dt, steps * 4)
         for dtype in ("float32", "float64"):
             for backend in backends + ["auto"]:
                 calc = MFCalculator(args.model, dtype=dtype, device="cpu", neighbor_list=backend)
-                t = ms_per_step(atoms, calc, steps, repeats, dt)
                 calc._check_structure(atoms)
-                add(name, "mfcalc " + args.model, dtype, f"auto ({calc._backend})" if backend == "auto" else backend, t)
+                shown = f"auto ({calc._backend})" if backend == "auto" else backend
+                runs["mfcalc " + args.model, dtype, shown] = Run(atoms, calc, dt, steps)
             calc = MFCalculator(args.model, dtype=dtype, device="cpu", compile=True)
-            ms_per_step(atoms, calc, 1, 1, dt)  # compiles (tens of seconds the first time, cached on disk)
             calc._check_structure(atoms)
-            add(name, "mfcalc " + args.model + " compile=True", dtype, f"auto ({calc._backend})",
-                ms_per_step(atoms, calc, steps, repeats, dt))
+            runs["mfcalc " + args.model + " compile=True", dtype, f"auto ({calc._backend})"] = Run(atoms, calc, dt, steps)
             for peer, make in peers.items():
                 n = max(1, steps // 10) if len(atoms) > 100 else steps
-                add(name, peer, dtype, "own", ms_per_step(atoms, make(dtype), n, max(1, repeats // 2), dt))
+                runs[peer, dtype, "own"] = Run(atoms, make(dtype), dt, n)
+        print(f"{name}: {len(runs)} runs built, timing them in {repeats} interleaved rounds", flush=True)
+        interleaved(runs, repeats)
+        for (calculator, dtype, backend), run in runs.items():
+            t = run.ms()
+            rows.append((name, calculator, dtype, backend, t))
+            print(f"{name:32s} {calculator:28s} {dtype:8s} {backend:16s} {t:9.2f} ms/step", flush=True)
     lines = [
         "# MD speed: ms per Velocity-Verlet step through ASE",
         "",
         f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, CPU; "
-        "median of repeats after warm-up; peers built at their published sizes with random weights, "
-        "in the same process. Lower is better.",
+        "median of repeats after warm-up, every row of a system timed in the same interleaved rounds "
+        "(round-robin), so that the drift of a shared host hits them alike; peers built at their "
+        "published sizes with random weights, in the same process. Lower is better.",
         "",
         "Last two columns, on the peer rows: how many times faster mfcalc is than that peer, with the "
         "default TorchScript path (neighbor list `auto`) and with `compile=True`.",
