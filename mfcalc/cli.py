@@ -81,7 +81,7 @@ def _cmd_md(args: argparse.Namespace) -> None:
     run_md(
         args.structure, model=args.model, fidelity=args.fidelity, temperature=args.temperature,
         steps=args.steps, timestep=args.timestep, out=args.out, seed=args.seed,
-        dtype=args.dtype, device=args.device,
+        dtype=args.dtype, device=args.device, compile=args.compile,
     )
 
 
@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the force path (torch.compile): ~30-45 s once, then 2-4x fewer ms per "
+                        "step for small molecules on CPU; worth it for runs longer than ~10^4 steps")
     p.set_defaults(func=_cmd_md)
 
     p = sub.add_parser("sample", help="diverse structures to label: MD at a cheap fidelity, farthest-point picks")

@@ -57,15 +57,16 @@ def run_md(
     structure, model: str = DEFAULT_MODEL, fidelity: Optional[str] = None,
     temperature: float = 300.0, steps: int = 1000, timestep: float = 0.5,
     out: str = "md.traj", friction: float = 0.01, seed: int = 0, interval: int = 10,
-    dtype: Optional[str] = None, device: str = "auto", log=sys.stdout,
+    dtype: Optional[str] = None, device: str = "auto", log=sys.stdout, compile: bool = False,
 ) -> Atoms:
-    """Langevin NVT; writes every ``interval``-th frame to ``out`` and prints progress."""
+    """Langevin NVT; writes every ``interval``-th frame to ``out`` and prints progress.
+    ``compile=True`` runs the compiled force path (see MFCalculator)."""
     from ase.io import Trajectory, write
 
     from .calculator import MFCalculator
 
     atoms = read_structure(structure) if isinstance(structure, str) else structure
-    atoms.calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device)
+    atoms.calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device, compile=compile)
     rng = np.random.default_rng(seed)
     thermalize(atoms, temperature, rng)
     dyn = langevin(atoms, timestep, temperature, friction, rng)

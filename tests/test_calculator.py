@@ -137,3 +137,23 @@ def test_compiled_force_path_equals_the_model_file(tiny_model, silicon_small_cel
             np.testing.assert_allclose(b.get_potential_energies(), a.get_potential_energies(), atol=1e-9)
             if atoms.pbc.any():
                 np.testing.assert_allclose(b.get_stress(), a.get_stress(), atol=1e-9)
+
+
+def test_md_with_the_compiled_force_path_follows_the_same_trajectory(tiny_model, tmp_path):
+    """`mfcalc md --compile` (run_md(compile=True)): the Langevin run of the TorchScript path,
+    frame for frame (same seed, same noise)."""
+    import io
+
+    from ase.io import read
+
+    from mfcalc.workflows import run_md
+
+    frames = []
+    for compile in (False, True):
+        out = tmp_path / f"md_{compile}.xyz"
+        run_md("CH3CH2OH", model=str(tiny_model), fidelity="mid", steps=20, interval=10, out=str(out),
+               dtype="float64", device="cpu", compile=compile, log=io.StringIO())
+        frames.append(read(str(out), index=":"))
+    assert len(frames[1]) == len(frames[0]) == 3
+    for a, b in zip(*frames):
+        np.testing.assert_allclose(b.positions, a.positions, atol=1e-9)
