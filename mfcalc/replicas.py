@@ -15,7 +15,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from .calculator import MFCalculator
+from .calculator import MFCalculator, script_execution
 from .compiled import DENSE_GRAPH_MAX_ATOMS
 
 DENSE_PAIRS_PER_CALL_CPU = 64 * 81  # R * N * N of 64 ethanol replicas
@@ -76,15 +76,17 @@ def _predict_chunk(calc: MFCalculator, structures: List[Atoms]) -> List[Dict[str
     edge_index, shifts = batch_pairs(calc, positions, structures)
     periodic = any(a.pbc.any() for a in structures)
     n_structures = len(structures)
-    out = calc.module.forward(
-        positions,
-        torch.tensor(np.concatenate([a.numbers for a in structures]), device=calc.device),
-        torch.tensor(np.stack([a.cell.array for a in structures]), dtype=calc.dtype, device=calc.device),
-        edge_index, shifts,
-        torch.full((n_structures,), calc._fidelity_index, device=calc.device),
-        torch.repeat_interleave(torch.arange(n_structures, device=calc.device), torch.tensor(counts, device=calc.device)),
-        True, periodic,
-    )
+    with script_execution(calc.module):
+        out = calc.module.forward(
+            positions,
+            torch.tensor(np.concatenate([a.numbers for a in structures]), device=calc.device),
+            torch.tensor(np.stack([a.cell.array for a in structures]), dtype=calc.dtype, device=calc.device),
+            edge_index, shifts,
+            torch.full((n_structures,), calc._fidelity_index, device=calc.device),
+            torch.repeat_interleave(torch.arange(n_structures, device=calc.device),
+                                    torch.tensor(counts, device=calc.device)),
+            True, periodic,
+        )
     energy = out["energy"].cpu().numpy().astype(np.float64)
     forces = np.split(out["forces"].cpu().numpy().astype(np.float64), np.cumsum(counts)[:-1])
     results = []
@@ -168,10 +170,11 @@ class ReplicaMD:
                                                   self.fidelity[self.batch])
             energy = out["energies"].view(self.n_replicas, self.n_atoms).sum(dim=1)
             return energy, out["forces"].view(self.n_replicas, self.n_atoms, 3)
-        out = self.calc.module.forward(
-            self.positions.reshape(-1, 3), self.numbers, self.cells, edge_index, shifts,
-            self.fidelity, self.batch, True, False,
-        )
+        with script_execution(self.calc.module):
+            out = self.calc.module.forward(
+                self.positions.reshape(-1, 3), self.numbers, self.cells, edge_index, shifts,
+                self.fidelity, self.batch, True, False,
+            )
         return out["energy"], out["forces"].view(self.n_replicas, self.n_atoms, 3)
 
     def step(self) -> None:

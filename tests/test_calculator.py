@@ -157,3 +157,14 @@ def test_md_with_the_compiled_force_path_follows_the_same_trajectory(tiny_model,
     assert len(frames[1]) == len(frames[0]) == 3
     for a, b in zip(*frames):
         np.testing.assert_allclose(b.positions, a.positions, atol=1e-9)
+
+
+def test_the_jit_executor_flag_is_left_as_it_was(tiny_model, ethanol):
+    """The calculator runs TorchScript without the executor's optimisation passes (faster for small
+    molecules) but leaves the process-wide flag as the user had it."""
+    import torch
+
+    before = torch._C._get_graph_executor_optimize()
+    ethanol.calc = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu")
+    ethanol.get_forces()
+    assert torch._C._get_graph_executor_optimize() == before
