@@ -5,7 +5,7 @@ random weights in the same process, when they are importable (see peers.py for h
 them beside torch without replacing it).
 
     python benchmarks/md_speed.py [--model chno-mf] [--systems ethanol,aspirin,water] [--threads 2]
-        [--quick] [--no-peers] [--out md_speed]
+        [--device cpu|cuda] [--quick] [--no-peers] [--out md_speed]
 
 Prints a markdown table with mfcalc/peer ratios and writes it, with a PNG bar chart, to
 benchmarks/results/. A zero-cost calculator gives ASE's own floor per step.
@@ -54,6 +54,12 @@ class ZeroCalculator(Calculator):
         self.results = {"energy": 0.0, "forces": np.zeros((len(self.atoms), 3))}
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return "GPU " + torch.cuda.get_device_name(torch.device(device))
+    return "CPU"
+
+
 class Run:
     """One calculator's MD on its own copy of a system, ready to be timed a few steps at a time."""
 
@@ -99,6 +105,7 @@ def main():
     parser.add_argument("--systems", default="ethanol,aspirin,water",
                         help="comma-separated subset of ethanol, aspirin, water")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peers run on the same device)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", default="md_speed")
@@ -111,7 +118,7 @@ def main():
 
         for name, make in PEERS.items():
             try:
-                make("float32")
+                make("float32", args.device)
                 peers[name] = make
             except Exception as err:  # noqa: BLE001 - a missing peer is reported, not fatal
                 print(f"peer {name} unavailable: {type(err).__name__}: {err}")
@@ -131,7 +138,7 @@ def main():
     rows = []
     # a throwaway run first, so that process start-up costs (thread pools, allocator, the first
     # TorchScript optimisation) land in no table row (measured: 4.27 vs 4.02 ms/step for ethanol)
-    warm = Run(ethanol(), MFCalculator(args.model, dtype="float32", device="cpu"), 0.5, 100)
+    warm = Run(ethanol(), MFCalculator(args.model, dtype="float32", device=args.device), 0.5, 100)
     interleaved({"warm": warm}, 3)
     print(f"process warm-up (not in the table): ethanol float32 {warm.ms():.2f} ms/step", flush=True)
 
@@ -142,16 +149,16 @@ def main():
             runs[f"zero-cost ({label})", "-", "-"] = Run(atoms, ZeroCalculator(exact), dt, steps * 4)
         for dtype in ("float32", "float64"):
             for backend in backends + ["auto"]:
-                calc = MFCalculator(args.model, dtype=dtype, device="cpu", neighbor_list=backend)
+                calc = MFCalculator(args.model, dtype=dtype, device=args.device, neighbor_list=backend)
                 calc._check_structure(atoms)
                 shown = f"auto ({calc._backend})" if backend == "auto" else backend
                 runs["mfcalc " + args.model, dtype, shown] = Run(atoms, calc, dt, steps)
-            calc = MFCalculator(args.model, dtype=dtype, device="cpu", compile=True)
+            calc = MFCalculator(args.model, dtype=dtype, device=args.device, compile=True)
             calc._check_structure(atoms)
             runs["mfcalc " + args.model + " compile=True", dtype, f"auto ({calc._backend})"] = Run(atoms, calc, dt, steps)
             for peer, make in peers.items():
                 n = max(1, steps // 10) if len(atoms) > 100 else steps
-                runs[peer, dtype, "own"] = Run(atoms, make(dtype), dt, n)
+                runs[peer, dtype, "own"] = Run(atoms, make(dtype, args.device), dt, n)
         print(f"{name}: {len(runs)} runs built, timing them in {repeats} interleaved rounds", flush=True)
         interleaved(runs, repeats)
         for (calculator, dtype, backend), run in runs.items():
@@ -161,7 +168,7 @@ def main():
     lines = [
         "# MD speed: ms per Velocity-Verlet step through ASE",
         "",
-        f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, CPU; "
+        f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, {device_name(args.device)}; "
         "median of repeats after warm-up, every row of a system timed in the same interleaved rounds "
         "(round-robin), so that the drift of a shared host hits them alike; peers built at their "
         "published sizes with random weights, in the same process. Lower is better.",

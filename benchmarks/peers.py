@@ -23,7 +23,7 @@ ELEMENTS = [1, 6, 7, 8]
 _TMP = Path(tempfile.mkdtemp(prefix="mfcalc-peers-"))
 
 
-def make_mace(dtype: str = "float32"):
+def make_mace(dtype: str = "float32", device: str = "cpu"):
     """MACE-OFF 'small' hyper-parameters: 96x0e, L=0, r=4.5 Å, 2 interactions, correlation 3."""
     # e3nn 0.4.4 torch.loads its own constants file, which holds `slice` objects
     torch.serialization.add_safe_globals([slice])
@@ -43,10 +43,10 @@ def make_mace(dtype: str = "float32"):
         atomic_inter_scale=1.0, atomic_inter_shift=0.0,
     )
     torch.set_default_dtype(torch.float32)
-    return MACECalculator(models=model, device="cpu", default_dtype=dtype)
+    return MACECalculator(models=model, device=device, default_dtype=dtype)
 
 
-def make_schnetpack(dtype: str = "float32"):
+def make_schnetpack(dtype: str = "float32", device: str = "cpu"):
     """SchNetPack PaiNN: 128 features, 3 interactions, 5 Å, matscipy neighbor list."""
     import torch.utils.data.dataloader as loader
 
@@ -72,15 +72,15 @@ def make_schnetpack(dtype: str = "float32"):
     # schnetpack loads the whole pickled module; torch >= 2.6 defaults to weights_only=True
     torch.load = lambda *a, **k: original_load(*a, **{**k, "weights_only": False})
     try:
-        return _schnetpack_calculator(spk, trn, path, cutoff, dtype)
+        return _schnetpack_calculator(spk, trn, path, cutoff, dtype, device)
     finally:
         torch.load = original_load
 
 
-def _schnetpack_calculator(spk, trn, path, cutoff, dtype):
+def _schnetpack_calculator(spk, trn, path, cutoff, dtype, device):
     return spk.interfaces.SpkCalculator(
         model_file=str(path), neighbor_list=trn.MatScipyNeighborList(cutoff=cutoff), energy_key="energy",
-        force_key="forces", energy_unit="eV", position_unit="Ang", device="cpu", dtype=getattr(torch, dtype),
+        force_key="forces", energy_unit="eV", position_unit="Ang", device=device, dtype=getattr(torch, dtype),
     )
 
 

@@ -2,7 +2,7 @@
 force call per step) versus R independent ASE Velocity-Verlet runs one after another.
 
     python benchmarks/replicas.py [--model chno-mf] [--replicas 1 4 16 64 256] [--dtype float32]
-        [--steps 20] [--rounds 5]
+        [--steps 20] [--rounds 5] [--device cpu|cuda] [--out replicas]
 
 Prints atom-steps per second and the speed-up, writes benchmarks/results/replicas.md and a PNG
 of the scaling curve.
@@ -34,6 +34,8 @@ def main():
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", default="replicas", help="name of the result files in benchmarks/results/")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed sample")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median taken)")
     args = parser.parse_args()
@@ -43,11 +45,11 @@ def main():
     rows, baselines = [], {}
     # a throwaway MD run first, so that process start-up costs land in no timed row (see md_speed.py)
     warm = molecule("CH3CH2OH")
-    warm.calc = MFCalculator(args.model, dtype=args.dtype, device="cpu")
+    warm.calc = MFCalculator(args.model, dtype=args.dtype, device=args.device)
     thermalize(warm, 300, np.random.default_rng(0))
     VelocityVerlet(warm, 0.5 * units.fs).run(300)
     for compile in (False, True):
-        calc = MFCalculator(args.model, fidelity="CCSD(T)", dtype=args.dtype, device="cpu", compile=compile)
+        calc = MFCalculator(args.model, fidelity="CCSD(T)", dtype=args.dtype, device=args.device, compile=compile)
         path = "compile=True" if compile else "TorchScript"
         atoms = molecule("CH3CH2OH")
         atoms.calc = calc
@@ -69,6 +71,8 @@ def main():
                 steps = args.steps * 4 if r == 0 else args.steps  # the 9-atom ASE step is short
                 start = time.perf_counter()
                 md.run(steps)
+                if args.device.startswith("cuda"):  # ReplicaMD's steps are asynchronous on a GPU
+                    torch.cuda.synchronize()
                 samples[r].append((time.perf_counter() - start) / steps)
         ase_step = float(np.median(samples[0]))
         ase_rate = n_atoms / ase_step  # atom-steps per second, any number of sequential runs
@@ -84,7 +88,8 @@ def main():
     lines = [
         f"# Replica MD throughput: ethanol, {args.model} at CCSD(T)",
         "",
-        f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, CPU, {args.dtype}. "
+        f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+        f"{'GPU ' + torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}, {args.dtype}. "
         "Baseline for each force path: ASE Velocity Verlet with MFCalculator on the same path, one run after "
         "another (atom-steps/s is the same for any number of sequential runs): "
         + "; ".join(f"{p} {1000 * t:.2f} ms per step ({r:,.0f} atom-steps/s)" for p, (t, r) in baselines.items()) + ".",
@@ -95,7 +100,7 @@ def main():
     ] + [f"| {p} | {r} | {ms:.2f} | {rate:,.0f} | {x:.1f}x | {rate / baselines['TorchScript'][1]:.1f}x |"
          for p, r, ms, rate, x in rows]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "replicas.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
 
@@ -113,9 +118,9 @@ def main():
     ax.set_xlabel("replicas")
     ax.set_ylabel("atom-steps per second")
     ax.legend()
-    ax.set_title(f"ethanol replica MD, CPU {args.threads} threads, {args.dtype}")
+    ax.set_title(f"ethanol replica MD, {args.device} {args.threads} threads, {args.dtype}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "replicas.png", dpi=120)
+    fig.savefig(RESULTS / f"{args.out}.png", dpi=120)
 
 
 if __name__ == "__main__":
