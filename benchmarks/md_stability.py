@@ -1,6 +1,7 @@
-"""Long Langevin NVT of ethanol at 500 K at CCSD(T): do bonds stay bonds?
+"""Long Langevin NVT of a molecule (ethanol by default) at 500 K at CCSD(T): do bonds stay bonds?
 
     python benchmarks/md_stability.py [--ps 100] [--temperature 500] [--seeds 0 1] [--compile]
+        [--model ethanol-mf] [--molecules CH3CH2OH CH3COOH ...] [--out PATH]
 
 Checks, every 10 steps, every bond of the starting structure (stretched beyond 1.5x its length?)
 and every non-bonded heavy-atom/hydrogen pair (closer than 0.8x a bond?). Writes
@@ -27,8 +28,8 @@ STRETCH, COMPRESS, CONTACT = 1.5, 0.7, 0.8
 
 def run_stability(picoseconds: float = 100.0, temperature: float = 500.0, seed: int = 0,
                   timestep_fs: float = 0.5, dtype: str = "float32", model: str = "ethanol-mf",
-                  compile: bool = False) -> dict:
-    atoms = molecule("CH3CH2OH")
+                  compile: bool = False, name: str = "CH3CH2OH") -> dict:
+    atoms = molecule(name)
     atoms.calc = MFCalculator(model, fidelity="CCSD(T)", dtype=dtype, compile=compile)
     i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.1))
     bonds = np.array([(a, b) for a, b in zip(i, j) if a < b])
@@ -74,22 +75,23 @@ def main():
     parser.add_argument("--temperature", type=float, default=500.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--model", default="ethanol-mf")
+    parser.add_argument("--molecules", nargs="+", default=["CH3CH2OH"], help="names ase.build.molecule knows")
     parser.add_argument("--compile", action="store_true", help="MFCalculator(compile=True): same forces, faster")
     parser.add_argument("--out", default=str(RESULTS / "md_stability.md"))
     args = parser.parse_args()
     text = (
-        f"# MD stability: ethanol, Langevin NVT {args.temperature:.0f} K, 0.5 fs, CCSD(T), {args.model}"
+        f"# MD stability: {', '.join(args.molecules)}, Langevin NVT {args.temperature:.0f} K, 0.5 fs, CCSD(T), {args.model}"
         + (" (compile=True)" if args.compile else "") + "\n\n"
         f"Every bond of the start structure checked every 10 steps: broken if stretched to >= {STRETCH}x or "
         f"compressed to <= {COMPRESS}x its length, or if two non-bonded atoms come within {CONTACT} Å.\n\n"
-        "| seed | ps | steps | mean T (K) | bonds intact | first break (ps) | max bond stretch | "
+        "| molecule | seed | ps | steps | mean T (K) | bonds intact | first break (ps) | max bond stretch | "
         "min bond compression | min non-bonded distance (Å) | ms/step |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    for seed in args.seeds:
-        r = run_stability(args.ps, args.temperature, seed, model=args.model, compile=args.compile)
+    for name, seed in [(name, seed) for name in args.molecules for seed in args.seeds]:
+        r = run_stability(args.ps, args.temperature, seed, model=args.model, compile=args.compile, name=name)
         row = (
-            f"| {seed} | {r['picoseconds']:.0f} | {r['steps']} | {r['mean_temperature']:.0f} | {r['intact']} | "
+            f"| {name} | {seed} | {r['picoseconds']:.0f} | {r['steps']} | {r['mean_temperature']:.0f} | {r['intact']} | "
             f"{'-' if r['first_break_ps'] is None else round(r['first_break_ps'], 2)} | "
             f"{r['max_bond_stretch']:.3f} | {r['min_bond_compression']:.3f} | {r['min_nonbonded_distance']:.3f} | "
             f"{r['ms_per_step']:.2f} |\n"
