@@ -59,6 +59,22 @@ def median_time(fn, repeats: int = 7, number: int = 20, warmup: int = 5) -> floa
     return float(np.median(samples))
 
 
+def interleaved_times(runs, rounds: int, sync=None) -> dict:
+    """Median seconds per step of each run, timed round-robin: ``runs`` maps a key to
+    (advance, steps), where ``advance(steps)`` runs that many MD steps. Every run takes one
+    sample per round, so a slow drift of a shared host (up to 2x here over minutes) hits every
+    run alike and their ratios hold. ``sync`` (e.g. torch.cuda.synchronize) ends each sample."""
+    samples = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, (advance, steps) in runs.items():
+            start = time.perf_counter()
+            advance(steps)
+            if sync is not None:
+                sync()
+            samples[key].append((time.perf_counter() - start) / steps)
+    return {key: float(np.median(values)) for key, values in samples.items()}
+
+
 def available_backends():
     """Neighbor-list backends importable here (torch-cluster is optional)."""
     backends = ["dense", "vesin"]

@@ -14,7 +14,6 @@ benchmarks/results/. A zero-cost calculator gives ASE's own floor per step.
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from ase.md.verlet import VelocityVerlet
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import aspirin, available_backends, ethanol, water_box  # noqa: E402
+from common import aspirin, available_backends, ethanol, interleaved_times, water_box  # noqa: E402
 
 from mfcalc import MFCalculator  # noqa: E402
 from mfcalc.calculator import exact_changes  # noqa: E402
@@ -72,31 +71,16 @@ class Run:
         self.dyn = VelocityVerlet(self.atoms, timestep * units.fs)
         self.steps = steps
         self.extent = np.ptp(self.atoms.positions, axis=0).max()
-        # compiles (tens of seconds the first time, cached on disk); TorchScript optimises a
-        # function after its first calls
+        # warm-up: compile=True compiles here (tens of seconds the first time, cached on disk)
         self.dyn.run(20 if len(atoms) < 100 else 3)
-        self.samples = []
 
-    def sample(self) -> None:
-        start = time.perf_counter()
-        self.dyn.run(self.steps)
-        self.samples.append(1000 * (time.perf_counter() - start) / self.steps)
-
-    def ms(self) -> float:
+    def warn_if_apart(self) -> None:
+        """A model that does not know the molecule blows it apart, and a cell-list search over the
+        exploded box then costs far more than for the molecule."""
         grew = np.ptp(self.atoms.positions, axis=0).max() / self.extent
-        if not self.atoms.pbc.any() and grew > 2:  # a model that does not know the molecule blows it
-            # apart, and a cell-list search over the exploded box then costs far more
+        if not self.atoms.pbc.any() and grew > 2:
             print(f"WARNING: the molecule came apart in this run (extent x{grew:.0f}); "
                   "this row is not the cost of a stable trajectory", flush=True)
-        return float(np.median(self.samples))
-
-
-def interleaved(runs, repeats: int) -> None:
-    """Round-robin: every run takes one sample per round, so a slow drift of the shared host
-    (up to 2x here over minutes) hits every row of a system alike and the ratios hold."""
-    for _ in range(repeats):
-        for run in runs.values():
-            run.sample()
 
 
 def main():
@@ -139,8 +123,8 @@ def main():
     # a throwaway run first, so that process start-up costs (thread pools, allocator, the first
     # TorchScript optimisation) land in no table row (measured: 4.27 vs 4.02 ms/step for ethanol)
     warm = Run(ethanol(), MFCalculator(args.model, dtype="float32", device=args.device), 0.5, 100)
-    interleaved({"warm": warm}, 3)
-    print(f"process warm-up (not in the table): ethanol float32 {warm.ms():.2f} ms/step", flush=True)
+    seconds = interleaved_times({"warm": (warm.dyn.run, warm.steps)}, 3)["warm"]
+    print(f"process warm-up (not in the table): ethanol float32 {1000 * seconds:.2f} ms/step", flush=True)
 
     for name, (atoms, steps, dt) in systems.items():
         runs = {}  # (calculator, dtype, backend) -> Run, timed together below
@@ -160,9 +144,10 @@ def main():
                 n = max(1, steps // 10) if len(atoms) > 100 else steps
                 runs[peer, dtype, "own"] = Run(atoms, make(dtype, args.device), dt, n)
         print(f"{name}: {len(runs)} runs built, timing them in {repeats} interleaved rounds", flush=True)
-        interleaved(runs, repeats)
+        seconds = interleaved_times({key: (run.dyn.run, run.steps) for key, run in runs.items()}, repeats)
         for (calculator, dtype, backend), run in runs.items():
-            t = run.ms()
+            run.warn_if_apart()
+            t = 1000 * seconds[calculator, dtype, backend]
             rows.append((name, calculator, dtype, backend, t))
             print(f"{name:32s} {calculator:28s} {dtype:8s} {backend:16s} {t:9.2f} ms/step", flush=True)
     lines = [

@@ -11,7 +11,6 @@ of the scaling curve.
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,9 @@ from ase import units
 from ase.build import molecule
 from ase.md.verlet import VelocityVerlet
 
+sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import interleaved_times  # noqa: E402
 from mfcalc import MFCalculator, ReplicaMD  # noqa: E402
 from mfcalc.modelfile import DEFAULT_MODEL  # noqa: E402
 from mfcalc.workflows import thermalize  # noqa: E402
@@ -64,23 +65,18 @@ def main():
                 replicas.append(a)
             runs[r] = ReplicaMD(calc, replicas, friction=0.0)
             runs[r].run(10)  # warm-up (and, for compile=True, the first compilation)
-        # interleaved rounds, so that the drift of a shared host hits baseline and replicas alike
-        samples = {r: [] for r in runs}
-        for _ in range(args.rounds):
-            for r, md in runs.items():
-                steps = args.steps * 4 if r == 0 else args.steps  # the 9-atom ASE step is short
-                start = time.perf_counter()
-                md.run(steps)
-                if args.device.startswith("cuda"):  # ReplicaMD's steps are asynchronous on a GPU
-                    torch.cuda.synchronize()
-                samples[r].append((time.perf_counter() - start) / steps)
-        ase_step = float(np.median(samples[0]))
+        # interleaved rounds, so that the drift of a shared host hits baseline and replicas alike;
+        # the 9-atom ASE step is short, so it takes 4x the steps per sample
+        seconds = interleaved_times(
+            {r: (md.run, args.steps * 4 if r == 0 else args.steps) for r, md in runs.items()}, args.rounds,
+            torch.cuda.synchronize if args.device.startswith("cuda") else None)  # ReplicaMD is asynchronous on a GPU
+        ase_step = seconds[0]
         ase_rate = n_atoms / ase_step  # atom-steps per second, any number of sequential runs
         baselines[path] = (ase_step, ase_rate)
         print(f"{path}: ASE, one run after another: {1000 * ase_step:.2f} ms per step, {ase_rate:,.0f} atom-steps/s",
               flush=True)
         for r in args.replicas:
-            step = float(np.median(samples[r]))
+            step = seconds[r]
             rate = r * n_atoms / step
             rows.append((path, r, 1000 * step, rate, rate / ase_rate))
             print(f"{path:12s} {r:4d} replicas: {1000 * step:8.2f} ms per step, {rate:12,.0f} atom-steps/s, "

@@ -113,7 +113,9 @@ class CompiledForceField:
         positions (R, N, 3), numbers (R, N), fidelity (R,) indices. Returns ``energy`` (R,),
         ``energies`` (R, N), ``forces`` (R, N, 3) and ``min_distance``. Every pair within the
         cutoff interacts; there is no neighbor search."""
-        species = self.forcefield.species_of_z[numbers]
+        return self._dense(positions, self.forcefield.species_of_z[numbers], fidelity)
+
+    def _dense(self, positions: Tensor, species: Tensor, fidelity: Tensor) -> Dict[str, Tensor]:
         grad, (_, (energies, shortest)) = self._dense_function()(positions.detach(), species, fidelity)
         energies = energies.detach()
         return {"energy": energies.sum(dim=1), "energies": energies, "forces": -grad.detach(),
@@ -154,7 +156,7 @@ class CompiledForceField:
         if (edges is None and backend in ("auto", "dense") and not bool(pbc.any())
                 and 1 < n_atoms <= DENSE_GRAPH_MAX_ATOMS):
             fid = torch.full((1,), fidelity, dtype=torch.long, device=positions.device)
-            out = self.molecules(positions.unsqueeze(0), numbers.unsqueeze(0), fid)
+            out = self._dense(positions.unsqueeze(0), species.unsqueeze(0), fid)
             return {"energy": out["energy"][0], "energies": out["energies"][0], "forces": out["forces"][0],
                     "min_distance": out["min_distance"]}
         if edges is None:

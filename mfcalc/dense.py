@@ -54,14 +54,7 @@ def dense_energies(model: MultiFidelityPaiNN, species: Tensor, positions: Tensor
         dv = (dv_r.unsqueeze(3) * unit.unsqueeze(-1)).sum(2)  # (R, N, 3, F)
         if layer > 0:
             dv = dv + (v.unsqueeze(1) * dv_v.unsqueeze(3)).sum(2)
-        v = v + dv
-        # the update block, with the 3-vector axis at -2
-        u, wv = torch.split(update.uv(v), features, dim=-1)
-        w_norm = torch.sqrt((wv * wv).sum(dim=-2) + 1e-8)
-        a = update.mlp(torch.cat([s, w_norm], dim=-1))
-        a_vv, a_sv, a_ss = torch.split(a, features, dim=-1)
-        v = v + a_vv.unsqueeze(-2) * u
-        s = s + a_sv * (u * wv).sum(dim=-2) + a_ss
+        s, v = update(s, v + dv)
         if model.use_film:
             s = s * (1.0 + film[2 * layer].unsqueeze(1)) + film[2 * layer + 1].unsqueeze(1)
         layer += 1

@@ -110,12 +110,13 @@ class Update(nn.Module):
         )
 
     def forward(self, s: Tensor, v: Tensor) -> List[Tensor]:
+        """s (..., F), v (..., 3, F): any leading axes (atoms, or replicas x atoms in mfcalc.dense)."""
         u, w = torch.split(self.uv(v), self.features, dim=-1)
-        w_norm = torch.sqrt((w * w).sum(dim=1) + 1e-8)
+        w_norm = torch.sqrt((w * w).sum(dim=-2) + 1e-8)
         a = self.mlp(torch.cat([s, w_norm], dim=-1))
         a_vv, a_sv, a_ss = torch.split(a, self.features, dim=-1)
-        v = v + a_vv.unsqueeze(1) * u
-        s = s + a_sv * (u * w).sum(dim=1) + a_ss
+        v = v + a_vv.unsqueeze(-2) * u
+        s = s + a_sv * (u * w).sum(dim=-2) + a_ss
         return [s, v]
 
 

@@ -17,9 +17,9 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from .calculator import MFCalculator, script_execution
 from .compiled import DENSE_GRAPH_MAX_ATOMS
+from .neighbors import pick_backend
 
 DENSE_PAIRS_PER_CALL_CPU = 64 * 81  # R * N * N of 64 ethanol replicas
-from .neighbors import pick_backend
 
 
 def _as_calculator(model, fidelity, device, dtype) -> MFCalculator:
@@ -142,6 +142,8 @@ class ReplicaMD:
         # ethanol replicas fall out of cache (ethanol, 2 threads: 64 replicas 28 ms per step,
         # 256 replicas 181 ms in one call); one call for all of them on a GPU
         self.chunk = r if dev.type == "cuda" else max(1, DENSE_PAIRS_PER_CALL_CPU // (n * n))
+        self._compiled = hasattr(self.calc.module, "molecules")  # MFCalculator(compile=True)
+        self._dense = self._compiled and n <= DENSE_GRAPH_MAX_ATOMS  # dense fused graph, no pair search
         self.nsteps = 0
         self.energy, self.forces = self._forces()
 
@@ -154,8 +156,7 @@ class ReplicaMD:
         return [edge_index, torch.zeros((edge_index.shape[1], 3), dtype=self.positions.dtype, device=self.positions.device)]
 
     def _forces(self):
-        compiled = hasattr(self.calc.module, "molecules")  # MFCalculator(compile=True)
-        if compiled and self.n_atoms <= DENSE_GRAPH_MAX_ATOMS:  # dense fused graph, no pair search
+        if self._dense:
             numbers = self.numbers.view(self.n_replicas, self.n_atoms)
             energy, forces = [], []
             for start in range(0, self.n_replicas, self.chunk):  # cache-sized chunks on a CPU
@@ -165,7 +166,7 @@ class ReplicaMD:
                 forces.append(out["forces"])
             return torch.cat(energy), torch.cat(forces)
         edge_index, shifts = self._pairs()
-        if compiled:
+        if self._compiled:
             out = self.calc.module.flat_molecules(self.positions.reshape(-1, 3), self.numbers, edge_index,
                                                   self.fidelity[self.batch])
             energy = out["energies"].view(self.n_replicas, self.n_atoms).sum(dim=1)
