@@ -21,7 +21,20 @@ from .model import MultiFidelityPaiNN
 
 FORMAT_VERSION = 1
 METADATA_NAME = "mfcalc.json"
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def _shipped_models_dir() -> Path:
+    """Where the shipped models are: the package data ``mfcalc.models`` of an installed mfcalc
+    (a wheel, or an editable install, where it maps to the checkout's ``models/``), else the
+    ``models/`` folder beside the package (a checkout on ``sys.path`` without installing)."""
+    try:
+        from . import models
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "models"
+    return Path(models.__file__).resolve().parent
+
+
+MODELS_DIR = _shipped_models_dir()
 DEFAULT_MODEL = "chno-mf"  # what MFCalculator() and the command line load without a model name
 
 
