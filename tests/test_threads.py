@@ -1,0 +1,89 @@
+"""The thread policy of force calls: one thread for small systems, the caller's setting restored,
+fewer threads when other processes hold the cores."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mfcalc.threads import SINGLE_THREAD_BELOW, LoadMonitor, ThreadPolicy, free_between, parse_threads
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_small_systems_get_one_thread_and_the_setting_is_restored(two_threads):
+    policy = ThreadPolicy("auto")
+    seen = []
+    with policy.limit(9):
+        seen.append(torch.get_num_threads())
+    assert seen == [1]
+    assert torch.get_num_threads() == 2
+
+
+def test_restored_after_an_exception(two_threads):
+    with pytest.raises(RuntimeError):
+        with ThreadPolicy(1).limit(1000):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2
+
+
+def test_large_systems_keep_the_callers_threads_on_a_quiet_machine(two_threads):
+    policy = ThreadPolicy("auto")
+    policy.monitor._free = 2.0
+    policy.monitor._last = (time.monotonic(),) + policy.monitor._last[1:]  # fresh sample: no re-read
+    assert policy.count(SINGLE_THREAD_BELOW) == 2
+    assert policy.count(SINGLE_THREAD_BELOW - 1) == 1
+
+
+def test_large_systems_get_fewer_threads_when_cores_are_busy(two_threads):
+    policy = ThreadPolicy("auto")
+    policy.monitor._free = 1.0
+    policy.monitor._last = (time.monotonic(),) + policy.monitor._last[1:]
+    assert policy.count(5000) == 1
+    policy.monitor._free = 0.0  # never zero threads
+    assert policy.count(5000) == 1
+
+
+def test_fixed_and_untouched_settings(two_threads):
+    assert ThreadPolicy(3).count(5) == 3
+    assert ThreadPolicy(None).count(5) is None
+    with ThreadPolicy(None).limit(5):
+        assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "two", True])
+def test_bad_thread_counts_are_refused(bad):
+    with pytest.raises(ValueError, match="threads must be 'auto', None .* or a positive integer"):
+        parse_threads(bad)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat")
+def test_the_load_monitor_sees_another_busy_process():
+    monitor = LoadMonitor(interval=0.0)
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)
+        monitor.free_cores()  # start a fresh interval while the spinner runs
+        time.sleep(1.0)
+        free = monitor.free_cores()
+    finally:
+        spin.kill()
+        spin.wait()
+    assert free <= monitor.cores - 0.5, (free, monitor.cores)
+
+
+def test_this_processs_own_work_is_not_load():
+    # 2 s apart: 3.5 CPU-s busy machine-wide, 2 of them this process's -> 0.75 cores held by others
+    assert free_between((0.0, 10.0, 1.0, 4), (2.0, 13.5, 3.0, 4), cores=4) == pytest.approx(3.25)
+    # a 2-core share of an 8-core machine where others hold 4 cores: 1 of "our" 2 is free
+    assert free_between((0.0, 0.0, 0.0, 8), (1.0, 4.0, 0.0, 8), cores=2) == pytest.approx(1.0)
+    assert free_between((0.0, 0.0, 0.0, 2), (1.0, 9.0, 0.0, 2), cores=2) == 0.0
