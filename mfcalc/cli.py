@@ -1,13 +1,140 @@
-"""The `mfcalc` command: train, export, info, md."""
+"""The `mfcalc` command line.
+
+Commands (``mfcalc COMMAND --help`` for each):
+
+- ``train RECIPE``: train a model from a YAML/TOML recipe (also under torchrun)
+- ``export CHECKPOINT -o MODEL.pt``: write a TorchScript model file from a checkpoint
+- ``info [MODEL]``: fidelities, aliases, elements, cutoff, and test errors with what each was measured on
+- ``evaluate [MODEL] --recipe RECIPE``: per-fidelity errors of a model on a recipe's split
+- ``md STRUCTURE --model MODEL``: Langevin MD at a chosen fidelity, stopped with a reason if it goes unphysical
+- ``sample STRUCTURE --model MODEL``: MD at a cheap fidelity, then diverse picks to label
+- ``relax STRUCTURE --model MODEL``: geometry optimisation with a summary table
+- ``vib STRUCTURE --model MODEL``: harmonic frequencies (ase.vibrations and phonopy)
+- ``label STRUCTURES --method METHOD``: quantum-chemistry labels with PySCF (resumable)
+- ``finetune BASE DATA -o DIR``: fine-tune a model on a few new points, keeping every fidelity
+
+Every command exits 0 on success and 1 with one line ``mfcalc COMMAND: error: ...`` otherwise
+(bad arguments included); ``--debug`` or ``MFCALC_DEBUG=1`` shows the traceback instead. Commands
+that write a file refuse an existing one unless ``--force`` and never write into a model directory
+shipped with mfcalc.
+"""
 
 import argparse
 import json
+import math
+import os
 import sys
+import warnings
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 
 from .modelfile import DEFAULT_MODEL
+
+# optional extras of pyproject.toml: the module a command imports -> the extra that installs it
+EXTRAS = {"pyscf": "qm", "rdkit": "data", "tblite": "data", "torch_cluster": "cluster", "matplotlib": "test"}
+# what an error of these types says is the whole story: printed as it is
+PLAIN_ERRORS = (ValueError, RuntimeError, ArithmeticError, OSError, KeyError)
+
+
+class UsageError(Exception):
+    """A command line argparse cannot accept; ``prog`` is the (sub)command it belongs to."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviated flags (``--step`` is not ``--steps``), whose errors are one
+    line (raised as UsageError and printed by :func:`main`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(self.prog, f"{message} (see '{self.prog} --help')")
+
+
+# ---------------------------------------------------------------- argument types
+def _number(text: str, kind, name: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a positive number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(text, float, "a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _number(text, float, "a number in [0, 1)")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+# ---------------------------------------------------------------- shared checks
+def _model_of(args: argparse.Namespace) -> str:
+    """The model of a command that takes it positionally or with --model (not both)."""
+    positional, option = getattr(args, "model_pos", None), args.model
+    if positional is not None and option is not None and positional != option:
+        raise ValueError(f"two models given ({positional!r} and --model {option!r}); give one")
+    return positional or option or DEFAULT_MODEL
+
+
+def _check_structure_output(path: Optional[str], force: bool) -> None:
+    """A structure file ``path`` that ASE can write and read back, checked before any work."""
+    from ase.io.formats import UnknownFileTypeError, filetype, ioformats
+
+    from .workflows import check_output
+
+    if path is None:
+        return
+    try:
+        fmt = filetype(path, read=False)
+    except UnknownFileTypeError:
+        fmt = None
+    io = ioformats.get(fmt)
+    if io is None or not (io.can_read and io.can_write):
+        raise ValueError(f"--out {path!r}: ASE cannot write and read back a structure in "
+                         f"{Path(path).suffix or 'a file without a suffix'!r}; use e.g. .xyz, .extxyz, .traj, .cif, .vasp")
+    check_output(path, force=force, what="--out")
+
+
+def _say(text: str) -> None:
+    """A progress note on stderr (stdout stays for results)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -29,7 +156,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
     import torch
 
     from .modelfile import build_forcefield, export_model, load_checkpoint
+    from .workflows import check_output
 
+    check_output(args.output, force=args.force, suffixes=(".pt",), what="-o")
     payload = load_checkpoint(args.checkpoint)
     card = json.loads(payload.get("card", "{}"))
     forcefield = build_forcefield(payload["config"], payload["state_dict"])
@@ -50,7 +179,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
     from .modelfile import load_model
 
-    _, meta = load_model(args.model)
+    _, meta = load_model(_model_of(args))
     if args.json:
         print(json.dumps(meta, indent=1))
         return
@@ -59,20 +188,79 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(f"cutoff       {meta['cutoff']} Å")
     print(f"elements     {' '.join(chemical_symbols[z] for z in meta['elements'])}")
     print(f"default      {meta['default_fidelity']}")
-    print("fidelities")
-    errors = meta.get("test_errors", {})
+    print("fidelities   (test errors are MAE; each says what it was measured on: 'held-out molecules' = every "
+          "frame of molecules never trained on, 'held-out frames' = random frames of molecules also in training)")
+    card = _card_beside(meta)
+    base_errors = meta.get("base_test_errors", {})
     for name in meta["fidelities"]:
         aliases = [a for a, t in meta.get("aliases", {}).items() if t == name]
-        e = errors.get(name, {})
-        err = ""
-        if e:
-            err = f"test n={e['n']}: E MAE {1000 * e['energy_mae']:.2f} meV"
-            if "forces_mae" in e:
-                err += f", F MAE {1000 * e['forces_mae']:.1f} meV/Å"
         alias_text = f" (alias {', '.join(aliases)})" if aliases else ""
-        print(f"  - {name}{alias_text}  {err}")
+        print(f"  - {name}{alias_text}")
+        for line in fidelity_error_lines(meta, card, name):
+            print(f"      {line}")
+        if name in base_errors:
+            e = base_errors[name]
+            print(f"      not this model: {_error_text(e)} ({e['measured_on']}; changed by fine-tuning since)")
     for entry in meta.get("training_data", []):
         print(f"data         {entry.get('fidelity')}: {entry.get('source', entry.get('path'))}")
+
+
+def _card_beside(meta: dict) -> Optional[dict]:
+    """The training card (card.json) next to the model file, if it belongs to this very model
+    (same test errors); it holds the errors per dataset that the file's metadata pools."""
+    path = Path(meta["path"]).parent / "card.json"
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return card if card.get("test_errors") == meta.get("test_errors") else None
+
+
+def _error_text(e: dict) -> str:
+    text = f"E MAE {1000 * e['energy_mae']:.2f} meV"
+    if "forces_mae" in e:
+        text += f", F MAE {1000 * e['forces_mae']:.1f} meV/Å"
+    return text
+
+
+def held_out_kind(entry: dict) -> Optional[str]:
+    """What the test split of one training-data entry is, or None if it has none."""
+    if "split_by" in entry:
+        key = entry["split_by"]
+        return "held-out molecules" if key == "name" else f"held-out {key}s"
+    if isinstance(entry.get("test"), int) and entry["test"] > 0:
+        return "held-out frames"
+    return None
+
+
+def _dataset_name(entry: dict) -> str:
+    return Path(str(entry.get("path", entry.get("source", "?")))).name
+
+
+def fidelity_error_lines(meta: dict, card: Optional[dict], name: str) -> List[str]:
+    """The test errors of fidelity ``name``, one line per number, each naming its test set: the
+    pooled number, and (from the training card, when there is one) each dataset's own."""
+    e = meta.get("test_errors", {}).get(name)
+    if not e:
+        return []
+    if "measured_on" in e:  # written by fine-tuning
+        return [f"{_error_text(e)}  [measured on: {e['measured_on']}, n={e['n']}]"]
+    entries = [d for d in meta.get("training_data", []) if d.get("fidelity") == name and held_out_kind(d)]
+    if len(entries) <= 1:
+        where = (f"{held_out_kind(entries[0])} of {_dataset_name(entries[0])}" if entries
+                 else "test split (its datasets are not recorded)")
+        return [f"{_error_text(e)}  [test: {where}, n={e['n']}]"]
+    rows = {r["dataset"]: r for r in (card or {}).get("test_errors_by_dataset", []) if r.get("fidelity") == name}
+    parts = []
+    for d in entries:
+        row = rows.get(_dataset_name(d))
+        n = row["n"] if row else d.get("test")
+        parts.append((f"{held_out_kind(d)} of {_dataset_name(d)}" + (f", n={n}" if n else ""), row))
+    lines = [f"{_error_text(e)}  [test: all {e['n']} test frames pooled = " + " + ".join(p for p, _ in parts) + "]"]
+    lines += [f"{_error_text(row)}  [test: {label}]" for label, row in parts if row]
+    return lines
 
 
 def _cmd_md(args: argparse.Namespace) -> None:
@@ -80,8 +268,9 @@ def _cmd_md(args: argparse.Namespace) -> None:
 
     run_md(
         args.structure, model=args.model, fidelity=args.fidelity, temperature=args.temperature,
-        steps=args.steps, timestep=args.timestep, out=args.out, seed=args.seed,
-        dtype=args.dtype, device=args.device, compile=args.compile,
+        steps=args.steps, timestep=args.timestep, out=args.out, seed=args.seed, interval=args.interval,
+        dtype=args.dtype, device=args.device, compile=args.compile, overwrite=args.force,
+        check_geometry=not args.no_guard,
     )
 
 
@@ -89,10 +278,12 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from ase.io import write
 
     from .sampling import sample
-    from .workflows import read_structure
+    from .workflows import check_output, read_structure
 
+    structure, model = _sample_inputs(args)
+    check_output(args.out, force=args.force, suffixes=(".xyz", ".extxyz"), what="--out")
     frames = sample(
-        read_structure(args.structure), model=args.model, fidelity=args.fidelity, n=args.n,
+        read_structure(structure), model=model, fidelity=args.fidelity, n=args.n,
         temperature=args.temperature, steps=args.steps, timestep=args.timestep,
         interval=args.interval, select=args.select, seed=args.seed, dtype=args.dtype, device=args.device,
     )
@@ -101,12 +292,28 @@ def _cmd_sample(args: argparse.Namespace) -> None:
           f"{args.temperature:g} K) to {args.out}; label them with: mfcalc label {args.out} --method ...")
 
 
+def _sample_inputs(args: argparse.Namespace) -> tuple:
+    """(structure, model) of `sample STRUCTURE [--model M]`, or of the deprecated `sample MODEL STRUCTURE`."""
+    if len(args.inputs) == 1:
+        return args.inputs[0], args.model or DEFAULT_MODEL
+    if len(args.inputs) > 2:
+        raise ValueError(f"sample takes one STRUCTURE (and --model MODEL), got {args.inputs}")
+    model, structure = args.inputs
+    if args.model is not None:
+        raise ValueError(f"two models given ({model!r} and --model {args.model!r}); "
+                         f"use: mfcalc sample {structure} --model MODEL")
+    _say(f"mfcalc sample: warning: 'mfcalc sample MODEL STRUCTURE' is deprecated and will be removed in the "
+         f"next release; use 'mfcalc sample {structure} --model {model}'")
+    return structure, model
+
+
 def _cmd_relax(args: argparse.Namespace) -> None:
     from ase.io import write
 
     from .calculator import MFCalculator
     from .workflows import read_structure, relax
 
+    _check_structure_output(args.out, args.force)  # before the work, not after it
     atoms = read_structure(args.structure)
     atoms.calc = MFCalculator(args.model, fidelity=args.fidelity, dtype=args.dtype, device=args.device)
     rows = []
@@ -136,11 +343,17 @@ def _cmd_vib(args: argparse.Namespace) -> None:
     atoms = read_structure(args.structure)
     calc = MFCalculator(args.model, dtype="float64", device=args.device)
     fidelities = args.fidelity or [calc.fidelity]
+    for fid in fidelities:  # every name checked before the first (long) computation
+        calc.fidelity = fid
     table = {}
+    calls = 2 * 3 * len(atoms)
     for fid in fidelities:
         calc.fidelity = fid
         trial = atoms.copy()
         trial.calc = calc
+        what = "" if args.no_relax else f"relaxing to fmax {args.fmax:g} eV/Å, then "
+        _say(f"vib {atoms.get_chemical_formula()} at {calc.fidelity}: {what}{calls} displaced force calls for "
+             f"ase.vibrations and {calls} for phonopy (float64; tens of seconds)...")
         if not args.no_relax:
             relax(trial, fmax=args.fmax)
         table[calc.fidelity] = {"ase": frequencies_ase(trial), "phonopy": frequencies_phonopy(trial)}
@@ -155,9 +368,10 @@ def _cmd_vib(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from .finetune import finetune, save_finetuned
+    from .finetune import check_output_dir, finetune, save_finetuned
     from .recipe import READERS, load_datasets, read_recipe
 
+    check_output_dir(args.output, force=args.force)  # before the training, not after it
     reader = READERS[args.format]
     options = {"energy_unit": args.energy_unit} if args.energy_unit else {}
     data = reader(args.data, fidelity=args.fidelity, **options)
@@ -181,7 +395,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     result = finetune(args.base, data, args.fidelity, new_fidelity=args.new_fidelity, strategy=args.strategy,
                       replay=replay, replay_val=replay_val, replay_fraction=args.replay_fraction, aliases=aliases,
                       settings=settings, seed=args.seed)
-    path = save_finetuned(result, args.output)
+    path = save_finetuned(result, args.output, force=args.force)
     print(f"wrote {path}: fidelities {result.forcefield.fidelities}")
     drift = result.report["drift"]
     if drift:
@@ -214,7 +428,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .recipe import load_datasets, read_recipe
     from .training import evaluate, to_graphs
 
-    forcefield, _ = load_base(args.model)
+    model = _model_of(args)
+    forcefield, _ = load_base(model)
     recipe_path = Path(args.recipe).resolve()
     structures = load_datasets(read_recipe(recipe_path), recipe_path.parent)[args.split]
     known = set(forcefield.fidelities)
@@ -223,7 +438,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(errors, indent=1))
         return
-    print(f"{args.split} split of {recipe_path.name}, model {args.model}")
+    print(f"{args.split} split of {recipe_path.name}, model {model}")
     print("| fidelity | n | energy MAE (meV) | energy RMSE (meV) | forces MAE (meV/Å) | forces RMSE (meV/Å) |")
     print("|---|---|---|---|---|---|")
     for name, e in errors.items():
@@ -232,43 +447,53 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mfcalc", description="multi-fidelity ML potentials")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also MFCALC_DEBUG=1)")
+    parser = Parser(prog="mfcalc", description="multi-fidelity ML potentials", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("train", help="train a model from a YAML/TOML recipe")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    def force(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--force", action="store_true", help="overwrite an existing output (never a shipped model)")
+
+    p = command("train", "train a model from a YAML/TOML recipe")
     p.add_argument("recipe")
     p.add_argument("-o", "--output", help="output directory (default: the recipe's)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--steps-per-epoch", type=int)
-    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--steps-per-epoch", type=positive_int)
+    p.add_argument("--max-minutes", type=positive_float)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
     p.add_argument("--meta", choices=["none", "reptile"], help="meta-learned pretraining (fidelities as tasks)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("export", help="write a TorchScript model file from a checkpoint")
+    p = command("export", "write a TorchScript model file from a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="model file (.pt)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--aliases", help='JSON, e.g. \'{"CCSD(T)": "CCSD(T)/cc-pVTZ"}\'')
     p.add_argument("--default-fidelity")
+    force(p)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("label", help="quantum-chemistry labels with PySCF (resumable)")
+    p = command("label", "quantum-chemistry labels with PySCF (resumable)")
     p.add_argument("structures", help="any file ASE reads; every frame is labelled")
     p.add_argument("--method", required=True, help='METHOD/BASIS, e.g. "CCSD(T)/cc-pVDZ", "PBE/def2-SVP"')
     p.add_argument("--forces", action="store_true", help="analytic gradients too")
-    p.add_argument("--out", required=True, help="extxyz, appended one finished structure at a time")
+    p.add_argument("--out", required=True, help="extxyz, appended one finished structure at a time (a rerun resumes)")
     p.add_argument("--fidelity", help="fidelity name written to the records (default: the method)")
     p.add_argument("--charge", type=int, default=0)
-    p.add_argument("--spin", type=int, default=0, help="2S (number of unpaired electrons)")
-    p.add_argument("--workers", type=int, default=1, help="structures computed in parallel")
-    p.add_argument("--threads", type=int, default=1, help="PySCF threads per worker")
+    p.add_argument("--spin", type=nonnegative_int, default=0, help="2S (number of unpaired electrons)")
+    p.add_argument("--workers", type=positive_int, default=1, help="structures computed in parallel")
+    p.add_argument("--threads", type=positive_int, default=1, help="PySCF threads per worker")
     p.add_argument("--density-fit", action="store_true",
                    help="RI-J for DFT (ORCA's default for GGAs); RI-JK + RI-MP2 for MP2 energies "
                         "(PySCF's default auxiliary basis sets)")
     p.set_defaults(func=_cmd_label)
 
-    p = sub.add_parser("finetune", help="fine-tune a model on a few new points, keeping every fidelity")
+    p = command("finetune", "fine-tune a model on a few new points, keeping every fidelity")
     p.add_argument("base", help="model name, exported .pt or checkpoint")
     p.add_argument("data", help="labelled structures")
     p.add_argument("--fidelity", required=True, help="level of theory of DATA")
@@ -277,96 +502,159 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["extxyz", "gdml", "ase-db", "transition1x"], default="extxyz")
     p.add_argument("--energy-unit", help="energy unit of DATA (default: the reader's)")
     p.add_argument("--replay", help="recipe of the base model: its data is replayed and its validation split drives the drift report")
-    p.add_argument("--replay-size", type=int, default=500)
-    p.add_argument("--replay-fraction", type=float, default=0.3)
+    p.add_argument("--replay-size", type=positive_int, default=500)
+    p.add_argument("--replay-fraction", type=fraction, default=0.3)
     p.add_argument("--aliases", help='JSON, e.g. \'{"CC": "CCSD(T)/cc-pVDZ"}\'')
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--steps-per-epoch", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--epochs", type=positive_int, default=60)
+    p.add_argument("--steps-per-epoch", type=positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("-o", "--output", required=True, help="output directory (not a shipped model's)")
+    force(p)
     p.set_defaults(func=_cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="per-fidelity errors of a model on a recipe's split")
-    p.add_argument("model")
+    p = command("evaluate", "per-fidelity errors of a model on a recipe's split")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model name or file (or --model)")
+    p.add_argument("--model", help=f"model name or file (default {DEFAULT_MODEL})")
     p.add_argument("--recipe", required=True)
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("info", help="fidelities, elements, cutoff and test errors of a model")
-    p.add_argument("model")
+    p = command("info", "fidelities, elements, cutoff and test errors (with their test sets) of a model")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model name or file (or --model)")
+    p.add_argument("--model", help=f"model name or file (default {DEFAULT_MODEL})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("md", help="Langevin MD of a structure at a chosen fidelity")
+    p = command("md", "Langevin MD of a structure at a chosen fidelity")
     p.add_argument("structure", help="any file ASE reads, or a molecule name (e.g. CH3CH2OH)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--fidelity")
-    p.add_argument("--temperature", type=float, default=300.0, help="K")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--timestep", type=float, default=0.5, help="fs")
-    p.add_argument("--out", default="md.traj", help="trajectory (.traj or .xyz)")
+    p.add_argument("--temperature", type=nonnegative_float, default=300.0, help="K")
+    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--timestep", type=positive_float, default=0.5, help="fs")
+    p.add_argument("--interval", type=positive_int, default=10, help="MD steps between written frames")
+    p.add_argument("--out", default="md.traj", help="trajectory: .traj (ASE), .xyz or .extxyz (extended XYZ)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true",
                    help="compile the force path (torch.compile): ~30-45 s once, then 2-4x fewer ms per "
                         "step for small molecules on CPU; worth it for runs longer than ~10^4 steps")
+    p.add_argument("--no-guard", action="store_true",
+                   help="let bonds break and atoms leave (the energy, force and temperature checks stay on)")
+    force(p)
     p.set_defaults(func=_cmd_md)
 
-    p = sub.add_parser("sample", help="diverse structures to label: MD at a cheap fidelity, farthest-point picks")
-    p.add_argument("model")
-    p.add_argument("structure", help="any file ASE reads, or a molecule name (e.g. CH3CH2OH)")
+    p = command("sample", "diverse structures to label: MD at a cheap fidelity, farthest-point picks")
+    p.add_argument("inputs", nargs="+", metavar="STRUCTURE",
+                   help="any file ASE reads, or a molecule name (e.g. CH3CH2OH); the old form "
+                        "'sample MODEL STRUCTURE' still works this release (deprecated)")
+    p.add_argument("--model", help=f"model name or file (default {DEFAULT_MODEL})")
     p.add_argument("--fidelity", help="level of theory driving the MD (a cheap one)")
-    p.add_argument("-n", type=int, default=50, help="structures to pick")
+    p.add_argument("-n", type=positive_int, default=50, help="structures to pick")
     p.add_argument("--select", choices=["fps", "spread"], default="fps",
                    help="farthest-point on a structure descriptor, or weighted by cross-fidelity spread")
-    p.add_argument("--temperature", type=float, default=500.0, help="K")
-    p.add_argument("--steps", type=int, help="MD steps (default: a pool of 10 n frames)")
-    p.add_argument("--interval", type=int, default=10, help="MD steps between pool frames")
-    p.add_argument("--timestep", type=float, default=0.5, help="fs")
+    p.add_argument("--temperature", type=nonnegative_float, default=500.0, help="K")
+    p.add_argument("--steps", type=positive_int, help="MD steps (default: a pool of 10 n frames)")
+    p.add_argument("--interval", type=positive_int, default=10, help="MD steps between pool frames")
+    p.add_argument("--timestep", type=positive_float, default=0.5, help="fs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="extxyz for mfcalc label")
+    p.add_argument("--out", required=True, help="extxyz (.xyz or .extxyz) for mfcalc label")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
+    force(p)
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("relax", help="geometry optimisation with a summary table")
+    p = command("relax", "geometry optimisation with a summary table")
     p.add_argument("structure")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--fidelity")
-    p.add_argument("--fmax", type=float, default=1e-3, help="eV/Å")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--fmax", type=positive_float, default=1e-3, help="eV/Å")
+    p.add_argument("--steps", type=positive_int, default=2000)
     p.add_argument("--optimizer", nargs="+", default=["BFGS"], choices=["BFGS", "FIRE", "LBFGS"])
     p.add_argument("--cell", action="store_true", help="relax the cell too (periodic structures)")
-    p.add_argument("--out", help="write the relaxed structure here")
+    p.add_argument("--out", help="write the relaxed structure here (checked before the relaxation)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--device", default="auto")
+    force(p)
     p.set_defaults(func=_cmd_relax)
 
-    p = sub.add_parser("vib", help="harmonic frequencies (ase.vibrations and phonopy) at one or more fidelities")
+    p = command("vib", "harmonic frequencies (ase.vibrations and phonopy) at one or more fidelities")
     p.add_argument("structure")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--fidelity", action="append", help="repeat to compare fidelities side by side")
-    p.add_argument("--fmax", type=float, default=1e-4)
+    p.add_argument("--fmax", type=positive_float, default=1e-4)
     p.add_argument("--no-relax", action="store_true")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_vib)
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """What went wrong, on one line, with what to do for a missing optional package."""
+    if isinstance(err, ImportError):
+        name = (err.name or "").split(".")[0]
+        if name in EXTRAS:
+            return (f"this needs the optional package {name!r}, which is not installed; install it with: "
+                    f"pip install 'mfcalc[{EXTRAS[name]}]'")
+        return f"{err}; a required package is missing or broken: reinstall mfcalc (pip install mfcalc)"
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
+    if isinstance(err, PLAIN_ERRORS):
+        return text
+    return f"{type(err).__name__}: {text} (run with --debug or MFCALC_DEBUG=1 for the traceback)"
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"mfcalc: warning: {message}\n"
+
+
+def _close_flags(flag: str, known: List[str]) -> List[str]:
+    """The flags ``flag`` abbreviates, or else the one it most likely misspells."""
+    import difflib
+
+    return [k for k in known if k.startswith(flag)] or difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+
+
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The parsed command line; an unknown flag is blamed on its command, with the close match."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command = sub.choices[args.command]
+        known = [o for o in command._option_string_actions if o.startswith("--")]
+        close = [m for x in extra if x.startswith("-") for m in _close_flags(x.split("=")[0], known)]
+        hint = f"; did you mean {', '.join(close)}? (flags are never abbreviated)" if close else ""
+        raise UsageError(command.prog, f"unrecognized arguments: {' '.join(extra)}{hint} (see '{command.prog} --help')")
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse(argv)
+    except UsageError as err:
+        print(f"{err.prog}: error: {err}", file=sys.stderr)
+        return 1
+    debug = getattr(args, "debug", False) or os.environ.get("MFCALC_DEBUG", "") not in ("", "0")
+    formatwarning = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("mfcalc: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, KeyError, OSError) as err:
-        print(f"mfcalc {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - the command line's one-line error for every failure
+        if debug:
+            raise
+        print(f"mfcalc {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
 
 

@@ -141,6 +141,8 @@ def finetune(
     if wrong:
         raise ValueError(f"every fine-tuning record must be at fidelity {fidelity!r}; found {sorted(wrong)}")
     forcefield, meta = load_base(base)
+    base_state = {k: v.detach().clone() for k, v in forcefield.state_dict().items()}
+    base_elements = list(forcefield.elements)
     new_elements = sorted({int(z) for s in data for z in s.numbers} - set(forcefield.elements))
     if new_elements:
         from ase.data import chemical_symbols
@@ -189,13 +191,81 @@ def finetune(
         "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
         "validation_errors": new_errors, "drift": _drift_table(before, after),
     }
+    changed = changed_fidelities(base_state, base_elements, old_fidelities, forcefield.double())
+    report["changed_fidelities"] = changed
+    measured = {fidelity: _labelled(new_errors, f"fine-tuning validation set: {len(val_set)} of the {n} new "
+                                                f"points, held out of the fine-tuning (random split, seed {seed})")}
+    if replay_val:
+        measured.update({name: _labelled(e, f"validation split of the base model's recipe ({e['n']} frames "
+                                            "of that fidelity), after fine-tuning")
+                         for name, e in after.items() if name in changed and name != fidelity})
     meta = dict(meta)
+    meta["test_errors"], meta["base_test_errors"] = card_errors(
+        meta.get("test_errors", {}), meta.get("base_test_errors", {}), changed,
+        {k: v for k, v in measured.items() if v},
+    )
+    meta["training_data"] = list(meta.get("training_data", [])) + [
+        {"fidelity": fidelity, "source": f"fine-tuning data: {n} points ({len(train_set)} trained on, "
+                                         f"{len(val_set)} validation)", "train": len(train_set), "val": len(val_set)}
+    ]
     meta["aliases"] = {**meta.get("aliases", {}), **(aliases or {})}
     meta["default_fidelity"] = meta.get("default_fidelity", fidelity)
-    meta["test_errors"] = {**meta.get("test_errors", {}), **({fidelity: new_errors} if new_errors else {})}
     meta["finetune"] = meta.get("finetune", []) + [report]
-    keep = {k: meta[k] for k in ("aliases", "default_fidelity", "training_data", "test_errors", "finetune") if k in meta}
+    keep = {k: meta[k] for k in ("aliases", "default_fidelity", "training_data", "test_errors", "base_test_errors",
+                                 "finetune") if k in meta and (meta[k] or k != "base_test_errors")}
     return FinetuneResult(forcefield.double().eval(), keep, report)
+
+
+# --------------------------------------------------------------------------- the card
+def _labelled(errors: Dict[str, Any], measured_on: str) -> Dict[str, Any]:
+    return {**errors, "measured_on": measured_on} if errors else {}
+
+
+def _moved(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """True when a weight was trained (more than float32 rounding of a float64 value)."""
+    before, after = before.double(), after.double()
+    return bool(((after - before).abs() > 1e-6 * before.abs() + 1e-12).any())
+
+
+def changed_fidelities(base_state: Dict[str, torch.Tensor], base_elements: Sequence[int],
+                       old_fidelities: Sequence[str], forcefield: ForceField) -> list:
+    """The old fidelities whose predictions for the base model's elements can differ from the
+    base model's: all of them when a shared weight moved, else those whose own embedding row or
+    reference energies moved. (New elements' rows only matter for structures the base could
+    not compute, so they do not count.)"""
+    state = forcefield.state_dict()
+    columns = [list(forcefield.elements).index(z) for z in base_elements]
+    n = len(old_fidelities)
+    per_fidelity = {
+        "model.e0": lambda t: t[:n][:, columns],
+        "model.fidelity_embedding.weight": lambda t: t[:n],
+    }
+    for key, before in base_state.items():
+        if key in per_fidelity or key == "species_of_z":
+            continue
+        after = state[key][columns] if key == "model.species_embedding.weight" else state[key]
+        if _moved(before, after):
+            return list(old_fidelities)
+    changed = []
+    for k, name in enumerate(old_fidelities):
+        if any(_moved(base_state[key][k], pick(state[key])[k]) for key, pick in per_fidelity.items()):
+            changed.append(name)
+    return changed
+
+
+def card_errors(test_errors: Dict[str, Any], base_errors: Dict[str, Any], changed: Sequence[str],
+                measured: Dict[str, Any]) -> tuple:
+    """(test_errors, base_test_errors) of a fine-tuned model: the base's errors of every fidelity
+    the fine-tuning changed move to ``base_test_errors`` (labelled "before fine-tuning"), the
+    others stay; ``measured`` (errors labelled with what they were measured on) are added."""
+    kept = {name: e for name, e in test_errors.items() if name not in changed}
+    moved = dict(base_errors)
+    for name in changed:
+        if name in test_errors:
+            label = test_errors[name].get("measured_on", "the base model's test set")
+            moved[name] = {**test_errors[name], "measured_on": f"before fine-tuning: {label}"}
+    kept.update(measured)
+    return kept, moved
 
 
 def _train(forcefield, train_set, val_set, replay, replay_fraction, strategy, settings, log, new_elements=()):
@@ -263,9 +333,31 @@ def _drift_table(before, after) -> Dict[str, Dict[str, float]]:
     return table
 
 
-def save_finetuned(result: FinetuneResult, out_dir: Union[str, Path]) -> Path:
-    """model.pt (every fidelity), checkpoint.pt and finetune.json in ``out_dir``."""
-    out = Path(out_dir)
+OUTPUT_FILES = ("model.pt", "checkpoint.pt", "finetune.json")
+
+
+def check_output_dir(out_dir: Union[str, Path], force: bool = False) -> Path:
+    """Check before any work that ``out_dir`` may receive a fine-tuned model: never a model
+    directory shipped with mfcalc, and one that already holds a model only with ``force``."""
+    from .workflows import refuse_shipped_model
+
+    out = Path(out_dir).expanduser()
+    refuse_shipped_model(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {str(out_dir)!r} is a file; fine-tuning writes a directory "
+                                 f"({', '.join(OUTPUT_FILES)})")
+    there = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if there and not force:
+        raise FileExistsError(f"output directory {str(out_dir)!r} already holds {', '.join(there)}; pass --force "
+                              "to overwrite them, or choose another -o")
+    return out
+
+
+def save_finetuned(result: FinetuneResult, out_dir: Union[str, Path], force: bool = True) -> Path:
+    """model.pt (every fidelity), checkpoint.pt and finetune.json in ``out_dir``. A model
+    directory shipped with mfcalc is never overwritten; ``force=False`` also refuses a directory
+    that already holds a model."""
+    out = check_output_dir(out_dir, force=force)
     out.mkdir(parents=True, exist_ok=True)
     export_model(result.forcefield, out / "model.pt", result.metadata)
     save_checkpoint(out / "checkpoint.pt", result.forcefield, card=json.dumps(result.metadata))

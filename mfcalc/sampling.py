@@ -16,6 +16,7 @@ from ase import Atoms
 from .modelfile import DEFAULT_MODEL
 
 SELECTIONS = ("fps", "spread")
+STDOUT = "stdout"  # log default: the sys.stdout of the moment of the call (None: no progress)
 
 
 def descriptor(atoms: Atoms, cutoff: float = 5.0, bins: int = 24, width: float = 0.15) -> np.ndarray:
@@ -66,7 +67,7 @@ def sample(
     structure: Atoms, model: str = DEFAULT_MODEL, fidelity: Optional[str] = None, n: int = 50,
     temperature: float = 500.0, steps: Optional[int] = None, timestep: float = 0.5,
     interval: int = 10, select: str = "fps", friction: float = 0.01, seed: int = 0,
-    dtype: Optional[str] = None, device: str = "auto", log=sys.stdout,
+    dtype: Optional[str] = None, device: str = "auto", log=STDOUT,
 ) -> List[Atoms]:
     """Run Langevin MD of ``structure`` with ``model`` at ``fidelity`` and return ``n`` diverse
     frames (copies without a calculator, ready for ``mfcalc label``).
@@ -75,9 +76,13 @@ def sample(
     ``steps`` defaults to a pool of 10 n frames. ``select``: "fps" (farthest-point sampling on
     :func:`descriptor`) or "spread" (the same, each frame weighted by the spread of the model's
     fidelities on it, :meth:`MFCalculator.predict_all_fidelities`). Every frame's ``info`` records
-    the model, fidelity, temperature, MD step, and the cross-fidelity spreads (eV, eV/Å)."""
+    the model, fidelity, temperature, MD step, and the cross-fidelity spreads (eV, eV/Å). A run
+    that goes unphysical (see :mod:`mfcalc.mdguard`) raises ``MDInstabilityError``."""
     from .calculator import MFCalculator
+    from .mdguard import MDGuard
     from .workflows import langevin, thermalize
+
+    log = sys.stdout if log == STDOUT else log
 
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
@@ -85,6 +90,12 @@ def sample(
         raise ValueError(f"n must be at least 1, got {n}")
     if interval < 1:
         raise ValueError(f"interval must be at least 1, got {interval}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 K, got {temperature}")
+    if not timestep > 0:
+        raise ValueError(f"timestep must be > 0 fs, got {timestep}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     steps = int(steps if steps is not None else np.ceil(10 * n * interval / 0.9))
     first_kept = steps // 10
     if (steps - first_kept) // interval < n:
@@ -99,6 +110,8 @@ def sample(
     rng = np.random.default_rng(seed)
     thermalize(atoms, temperature, rng)
     dyn = langevin(atoms, timestep, temperature, friction, rng)
+    # a run that goes unphysical stops with a reason (MDInstabilityError): its frames are not worth labelling
+    dyn.attach(MDGuard(atoms, temperature=temperature, timestep=timestep, step=lambda: dyn.nsteps), interval=1)
     pool: List[Atoms] = []
 
     def keep():

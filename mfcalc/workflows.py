@@ -1,9 +1,10 @@
 """Everyday simulations through ASE with an MFCalculator (used by the `mfcalc md` command)."""
 
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 from ase import Atoms, units
@@ -53,31 +54,168 @@ def langevin(atoms: Atoms, timestep: float, temperature: float, friction: float,
                     fixcm=False, rng=rng)
 
 
+TRAJECTORY_FORMATS = {".traj": "traj", ".xyz": "extxyz", ".extxyz": "extxyz"}
+FORMAT_NAMES = {"traj": "ASE trajectory", "extxyz": "extended XYZ"}
+
+
+def trajectory_format(out: Union[str, Path]) -> str:
+    """'traj' or 'extxyz' from the file name of an MD trajectory; any other suffix is refused."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in TRAJECTORY_FORMATS:
+        raise ValueError(
+            f"cannot write an MD trajectory to {str(out)!r}: unknown format {suffix or '(no suffix)'!r}; "
+            "use .traj (ASE trajectory), .xyz or .extxyz (extended XYZ)"
+        )
+    return TRAJECTORY_FORMATS[suffix]
+
+
+def shipped_model_dirs() -> List[Path]:
+    """The model directories of mfcalc's own models folder (``modelfile.MODELS_DIR``)."""
+    from .modelfile import MODELS_DIR
+
+    if not MODELS_DIR.is_dir():
+        return []
+    return sorted(p.parent.resolve() for p in MODELS_DIR.glob("*/model.pt"))
+
+
+def refuse_shipped_model(path: Union[str, Path]) -> None:
+    """Raise if ``path`` is, or lies inside, a model directory shipped with mfcalc."""
+    target = Path(path).expanduser().resolve()
+    for directory in shipped_model_dirs():
+        if target == directory or directory in target.parents:
+            raise PermissionError(
+                f"{path} is in {directory}, a model shipped with mfcalc; refusing to write there even "
+                "with --force: choose an output outside that directory"
+            )
+
+
+def check_output(path: Union[str, Path], force: bool = False, suffixes: Optional[Sequence[str]] = None,
+                 what: str = "output") -> Path:
+    """Check before any work that ``path`` can be written: not in a shipped model, a known
+    suffix (``suffixes``, lower case with the dot), its folder exists and is writable, and no
+    file is there unless ``force``. Returns the path."""
+    out = Path(path).expanduser()
+    refuse_shipped_model(out)
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} {str(path)!r} has suffix {out.suffix or '(none)'!r}; use one of {list(suffixes)}")
+    if out.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory; give a file name")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {str(path)!r}: folder {str(folder)!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{what} {str(path)!r}: folder {str(folder)!r} is not writable")
+    if out.exists() and not force:
+        raise FileExistsError(f"{what} {str(path)!r} exists; pass --force to overwrite it, or choose another name")
+    return out
+
+
+class TrajectoryWriter:
+    """Appends frames of ``atoms`` to ``path`` (.traj or extended XYZ), counting them; every frame
+    is on disk as soon as it is written, so a run that stops keeps what it wrote."""
+
+    def __init__(self, path: Union[str, Path], atoms: Atoms, interval: int):
+        from ase.io import Trajectory
+
+        self.path, self.atoms, self.interval = Path(path), atoms, interval
+        self.format = trajectory_format(path)
+        self.frames, self.last_step = 0, None
+        self._traj = Trajectory(str(self.path), "w", atoms) if self.format == "traj" else None
+        if self._traj is None:
+            self.path.write_text("")
+
+    def write(self, step: int) -> None:
+        if self._traj is not None:
+            self._traj.write()  # ASE syncs (flushes) every frame
+        else:
+            from ase.io import write
+
+            write(str(self.path), self.atoms, format="extxyz", append=True)
+        self.frames += 1
+        self.last_step = step
+
+    def close(self) -> None:
+        if self._traj is not None:
+            self._traj.close()
+
+    def summary(self) -> str:
+        if not self.frames:
+            return f"no frames (none was due yet) in {self.path} ({FORMAT_NAMES[self.format]})"
+        every = f"every {self.interval} steps" if self.interval > 1 else "every step"
+        return (f"{self.frames} frames ({every}, last at step {self.last_step}) in {self.path} "
+                f"({FORMAT_NAMES[self.format]})")
+
+
+def compile_notice(atoms: Atoms, stream=None) -> None:
+    """Say what the silent first call of ``compile=True`` is doing before it starts (on stderr)."""
+    stream = stream or sys.stderr
+    stream.write(f"compiling the force path for {len(atoms)} atoms (first call, ~30-40 s; cached on disk "
+                 "afterwards)...\n")
+    stream.flush()
+
+
 def run_md(
     structure, model: str = DEFAULT_MODEL, fidelity: Optional[str] = None,
     temperature: float = 300.0, steps: int = 1000, timestep: float = 0.5,
     out: str = "md.traj", friction: float = 0.01, seed: int = 0, interval: int = 10,
-    dtype: Optional[str] = None, device: str = "auto", log=sys.stdout, compile: bool = False,
+    dtype: Optional[str] = None, device: str = "auto", log=None, compile: bool = False,
+    overwrite: bool = True, guard: bool = True, check_geometry: bool = True,
 ) -> Atoms:
-    """Langevin NVT; writes every ``interval``-th frame to ``out`` and prints progress.
-    ``compile=True`` runs the compiled force path (see MFCalculator)."""
-    from ase.io import Trajectory, write
+    """Langevin NVT; writes every ``interval``-th frame to ``out`` (.traj, .xyz or .extxyz; checked
+    before anything runs) and prints progress and, at the end, where it wrote.
 
+    ``guard``: an :class:`~mfcalc.mdguard.MDGuard` checks every step and stops a run that goes
+    unphysical with :class:`~mfcalc.mdguard.MDInstabilityError` (the trajectory written so far
+    is kept; ``check_geometry=False`` allows bonds to break). ``overwrite=False`` refuses an
+    existing ``out``. ``compile=True`` runs the compiled force path (see MFCalculator). ``log``:
+    where progress goes (default stdout)."""
     from .calculator import MFCalculator
+    from .mdguard import MDGuard, MDInstabilityError, hint
 
+    log = log or sys.stdout
+    trajectory_format(out)
+    _check_md_settings(temperature, steps, timestep, interval)
+    check_output(out, force=overwrite, what="MD trajectory")
     atoms = read_structure(structure) if isinstance(structure, str) else structure
     atoms.calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device, compile=compile)
+    if compile:
+        compile_notice(atoms)
+    atoms.get_forces()  # errors of the input structure surface here, as themselves
     rng = np.random.default_rng(seed)
     thermalize(atoms, temperature, rng)
     dyn = langevin(atoms, timestep, temperature, friction, rng)
-    out_path = Path(out)
-    if out_path.suffix == ".traj":
-        traj = Trajectory(str(out_path), "w", atoms)
-        dyn.attach(traj.write, interval=interval)
-    else:
-        traj = None
-        out_path.write_text("")
-        dyn.attach(lambda: write(str(out_path), atoms, format="extxyz", append=True), interval=interval)
+    if guard:  # before the writer: only frames that passed the checks are written
+        dyn.attach(MDGuard(atoms, temperature=temperature, timestep=timestep, check_geometry=check_geometry,
+                           step=lambda: dyn.nsteps), interval=1)
+    writer = TrajectoryWriter(out, atoms, interval)
+    dyn.attach(lambda: writer.write(dyn.nsteps), interval=interval)
+    dyn.attach(_progress(dyn, atoms, steps, log), interval=max(1, steps // 100))
+    try:
+        dyn.run(steps)
+    except MDInstabilityError as err:
+        raise err.with_kept(f"kept {writer.summary()}") from None
+    except (ValueError, FloatingPointError) as err:  # the force call refused a structure MD made
+        raise MDInstabilityError(f"the force call failed ({err})", dyn.nsteps, hint(timestep)).with_kept(
+            f"kept {writer.summary()}") from err
+    finally:
+        writer.close()
+        log.write("\n")
+    log.write(f"wrote {writer.summary()}\n")
+    return atoms
+
+
+def _check_md_settings(temperature: float, steps: int, timestep: float, interval: int) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 K, got {temperature}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not timestep > 0:
+        raise ValueError(f"timestep must be > 0 fs, got {timestep}")
+    if interval < 1:
+        raise ValueError(f"interval must be at least 1 step, got {interval}")
+
+
+def _progress(dyn, atoms: Atoms, steps: int, log):
     start = time.perf_counter()
 
     def progress():
@@ -89,14 +227,7 @@ def run_md(
         )
         log.flush()
 
-    dyn.attach(progress, interval=max(1, steps // 100))
-    try:
-        dyn.run(steps)
-    finally:
-        if traj is not None:
-            traj.close()
-        log.write("\n")
-    return atoms
+    return progress
 
 
 OPTIMIZERS = ("BFGS", "FIRE", "LBFGS")
