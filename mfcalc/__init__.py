@@ -7,11 +7,14 @@
 __version__ = "0.1.0"
 
 from .calculator import MFCalculator  # noqa: E402
+from .mdguard import MDGuard, MDInstabilityError  # noqa: E402
 from .modelfile import ModelFileError, export_model, load_model, read_metadata  # noqa: E402
 from .neighbors import neighbor_list  # noqa: E402
 from .replicas import ReplicaMD, predict  # noqa: E402
 
 __all__ = [
+    "MDGuard",
+    "MDInstabilityError",
     "MFCalculator",
     "ModelFileError",
     "ReplicaMD",

@@ -368,7 +368,7 @@ def _cmd_vib(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from .finetune import check_output_dir, finetune, save_finetuned
+    from .finetune import check_output_dir, finetune, finetune_settings, held_out_count, save_finetuned
     from .recipe import READERS, load_datasets, read_recipe
 
     check_output_dir(args.output, force=args.force)  # before the training, not after it
@@ -385,16 +385,16 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         replay = [splits["train"][i] for i in rng.permutation(len(splits["train"]))[: args.replay_size]]
         replay_val = splits["val"]
     aliases = json.loads(args.aliases) if args.aliases else None
-    from .training import TrainSettings
 
-    settings = TrainSettings(
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=0.0, ema_decay=0.95 if args.epochs * args.steps_per_epoch < 5000 else 0.995,
-        patience=max(10, args.epochs // 4), energy_weight=100.0, seed=args.seed,
-    )
+    overrides = dict(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                     lr=args.lr, patience=args.patience)
+    settings = None  # the protocol for the data size (mfcalc.finetune.finetune_settings)
+    if any(v is not None for v in overrides.values()):
+        settings = finetune_settings(len(data) - held_out_count(len(data), args.val_fraction), args.strategy,
+                                     seed=args.seed, **overrides)
     result = finetune(args.base, data, args.fidelity, new_fidelity=args.new_fidelity, strategy=args.strategy,
                       replay=replay, replay_val=replay_val, replay_fraction=args.replay_fraction, aliases=aliases,
-                      settings=settings, seed=args.seed)
+                      settings=settings, seed=args.seed, val_fraction=args.val_fraction)
     path = save_finetuned(result, args.output, force=args.force)
     print(f"wrote {path}: fidelities {result.forcefield.fidelities}")
     drift = result.report["drift"]
@@ -505,10 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-size", type=positive_int, default=500)
     p.add_argument("--replay-fraction", type=fraction, default=0.3)
     p.add_argument("--aliases", help='JSON, e.g. \'{"CC": "CCSD(T)/cc-pVDZ"}\'')
-    p.add_argument("--epochs", type=positive_int, default=60)
-    p.add_argument("--steps-per-epoch", type=positive_int, default=20)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--val-fraction", type=fraction, default=0.2,
+                   help="share of the points held out for validation and early stopping (none below 10 points)")
+    p.add_argument("--epochs", type=positive_int, help="default: from the data size (100 steps per point, 2k-10k)")
+    p.add_argument("--steps-per-epoch", type=positive_int, help="default: one pass over the points")
+    p.add_argument("--batch-size", type=positive_int, help="default: points/8, between 2 and 16")
+    p.add_argument("--lr", type=positive_float, help="default: 1e-3 full, 2e-3 readout, 5e-3 embedding")
+    p.add_argument("--patience", type=positive_int, help="default: a quarter of the epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output directory (not a shipped model's)")
     force(p)

@@ -9,7 +9,7 @@ scripted, 0.9 ms compiled (benchmarks/compile_probe.py, benchmarks/md_speed.py).
 
 ``CompiledForceField`` has the same ``compute`` / ``neighbor_list`` interface as the exported
 ``ForceField``, so the calculator uses either. Molecules of up to ``DENSE_GRAPH_MAX_ATOMS`` atoms
-go through the dense (R, N, N) graph of ``mfcalc.dense``: the whole step, pair search included, is
+go through the dense (R, N, N) layout of the network (``MultiFidelityPaiNN.dense_energies``): the whole step, pair search included, is
 one compiled call (``molecules`` also serves replica MD). Larger and periodic structures go through
 the pair list, whose search stays outside the compiled graph (its output size changes every step).
 The first call of each variant compiles, which takes tens of seconds; inductor caches the result
@@ -21,11 +21,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .dense import dense_energies
 from .forcefield import ForceField
 
 # Non-periodic structures up to this many atoms go through the dense (R, N, N) graph
-# (mfcalc.dense): no neighbor search, no scatter; larger ones through the pair list. Measured
+# (MultiFidelityPaiNN.dense_energies): no neighbor search, no scatter; larger ones through the pair list. Measured
 # with chno-mf on 2 CPU threads (ms per ASE force call, dense / pair list): ethanol 2.3 / 3.0,
 # aspirin (21) 2.9 / 4.2, decane (32) 9.1 / 8.1, C16 alkane (50) 19 / 14.
 DENSE_GRAPH_MAX_ATOMS = 24
@@ -100,7 +99,7 @@ class CompiledForceField:
             model = self.forcefield.model
 
             def energy(positions: Tensor, species: Tensor, fidelity: Tensor) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-                energies, shortest = dense_energies(model, species, positions, fidelity)
+                energies, shortest = model.dense_energies(species, positions, fidelity)
                 return energies.sum(), (energies, shortest)
 
             grad = torch.func.grad_and_value(energy, has_aux=True)

@@ -166,6 +166,30 @@ def read_gdml_npz(
     ]
 
 
+def read_rmd17_npz(
+    path: Union[str, Path], fidelity: str, labels: str = "revised", energy_unit: str = "kcal/mol"
+) -> List[Structure]:
+    """Revised MD17 ``.npz`` (Christensen & von Lilienfeld 2020, as packaged in rmd17-npz):
+    ``nuclear_charges``, ``coords`` (Å), and in ``energy_unit`` (kcal/mol, and kcal/mol/Å for
+    forces) ``energies``/``forces`` (``labels="revised"``: PBE/def2-SVP, ORCA) or
+    ``old_energies``/``old_forces`` (``labels="original"``: MD17's PBE+vdW-TS, FHI-aims, same
+    frames), converted to eV."""
+    keys = {"revised": ("energies", "forces"), "original": ("old_energies", "old_forces")}
+    if labels not in keys:
+        raise ValueError(f"labels must be 'revised' or 'original', got {labels!r}")
+    data = np.load(path)
+    factor = energy_to_ev(energy_unit)
+    numbers = np.asarray(data["nuclear_charges"], np.int64)
+    positions = np.asarray(data["coords"], np.float64)
+    energies = np.asarray(data[keys[labels][0]], np.float64).reshape(-1) * factor
+    forces = np.asarray(data[keys[labels][1]], np.float64) * factor
+    return [
+        Structure(numbers=numbers.copy(), positions=positions[k], fidelity=fidelity,
+                  energy=float(energies[k]), forces=forces[k])
+        for k in range(len(positions))
+    ]
+
+
 def read_ase_db(
     path: Union[str, Path], fidelity: str, energy_unit: str = "eV", selection: Optional[str] = None
 ) -> List[Structure]:

@@ -17,6 +17,7 @@ import torch
 
 from .data import Structure, count_by_fidelity, split_indices
 from .forcefield import ForceField
+from .model import ELEMENT_CONSTANTS
 from .modelfile import ModelFileError, build_forcefield, export_model, load_checkpoint, load_model, save_checkpoint
 from .training import TrainSettings, evaluate, refit_reference, to_graphs, train
 
@@ -52,7 +53,9 @@ def load_base(base: Union[str, Path]) -> tuple:
         card = json.loads(payload.get("card", "{}"))
         forcefield = build_forcefield(payload["config"], payload["state_dict"])
         meta = {"training_data": card.get("training_data", []), "test_errors": card.get("test_errors", {}),
-                "aliases": {}, "default_fidelity": payload["config"]["fidelities"][-1]}
+                # the aliases and default fidelity that `mfcalc export` would write
+                "aliases": card.get("aliases", {}),
+                "default_fidelity": card.get("default_fidelity", payload["config"]["fidelities"][-1])}
     return forcefield.double(), meta
 
 
@@ -91,7 +94,7 @@ def add_elements(forcefield: ForceField, elements: Sequence[int]) -> ForceField:
         elif key == "model.e0":
             value.zero_()
             value[:, where] = state[key]
-        elif key != "species_of_z":
+        elif key != "species_of_z" and key.rsplit(".", 1)[-1] not in ELEMENT_CONSTANTS:
             value.copy_(state[key])
     return grown
 
@@ -161,23 +164,21 @@ def finetune(
             "pass new_fidelity=True (--new-fidelity) to add it"
         )
     index = forcefield.fidelities.index(fidelity)
-    settings = settings or TrainSettings(
-        epochs=60, steps_per_epoch=20, batch_size=8, lr=5e-4, weight_decay=0.0, ema_decay=0.95,
-        patience=15, seed=seed, energy_weight=100.0,
-    )
+    n = len(data)
+    n_val = held_out_count(n, val_fraction)
+    settings = settings or finetune_settings(n - n_val, strategy, seed=seed)
+    log(describe_settings(settings, n, n_val))
     before = _drift_errors(forcefield, replay_val)
     if new_fidelity if refit_reference_energies is None else refit_reference_energies:
         shift = refit_reference(forcefield, to_graphs(data, forcefield.fidelities, forcefield.cutoff), index)
         log(f"reference energies of {fidelity!r} shifted by {np.round(shift.numpy(), 4).tolist()} eV per element")
 
-    n = len(data)
     if n < 10:
         epochs = _epochs_by_kfold(forcefield, data, replay, replay_fraction, strategy, settings, seed, log,
                                   new_elements)
         train_set, val_set = list(data), []
         settings = replace(settings, epochs=epochs, patience=10**6)
     else:
-        n_val = max(2, int(round(val_fraction * n)))
         train_idx, val_idx = split_indices(n, [n - n_val, n_val], seed)
         train_set, val_set = [data[i] for i in train_idx], [data[i] for i in val_idx]
     result = _train(forcefield, train_set, val_set, replay, replay_fraction, strategy, settings, log, new_elements)
@@ -189,6 +190,8 @@ def finetune(
         "fidelity": fidelity, "new_fidelity": new_fidelity, "strategy": strategy, "points": n,
         "train": len(train_set), "val": len(val_set), "replay": count_by_fidelity(replay or []),
         "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+        "settings": {k: v for k, v in vars(settings).items() if k != "fidelity_weights"},
+        "minutes": result["minutes"],
         "validation_errors": new_errors, "drift": _drift_table(before, after),
     }
     changed = changed_fidelities(base_state, base_elements, old_fidelities, forcefield.double())
@@ -216,6 +219,56 @@ def finetune(
     return FinetuneResult(forcefield.double().eval(), keep, report)
 
 
+# --------------------------------------------------------------------------- the protocol
+LEARNING_RATES = {"full": 1e-3, "readout": 2e-3, "embedding": 5e-3}
+
+
+def finetune_settings(n_train: int, strategy: str = "full", seed: int = 0, **overrides: Any) -> TrainSettings:
+    """The default fine-tuning protocol for ``n_train`` training points, chosen from the data size
+    (the one place these defaults live; the command line passes only what the user set).
+
+    One epoch is one pass over the points in batches of n/8 (2 to 16); the optimiser budget is
+    100 steps per point, between 2,000 and 10,000 steps (few points need many passes, many points
+    fewer); cosine learning rate from 1e-3 (full; 2e-3 readout, 5e-3 embedding) to 1% of it, EMA
+    0.99, float64, and early stopping when the validation error has not improved for a quarter
+    of the epochs. Measured on rMD17 and the few-shot targets (benchmarks/rmd17.py --base)."""
+    if strategy not in LEARNING_RATES:
+        raise ValueError(f"strategy must be one of {sorted(LEARNING_RATES)}, got {strategy!r}")
+    n_train = max(1, int(n_train))
+    batch_size = int(np.clip(n_train // 8, 2, 16))
+    steps_per_epoch = int(np.ceil(n_train / batch_size))
+    total_steps = int(np.clip(100 * n_train, 2000, 10000))
+    epochs = int(np.ceil(total_steps / steps_per_epoch))
+    values = dict(
+        epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=LEARNING_RATES[strategy],
+        lr_min_factor=0.01, weight_decay=0.0, ema_decay=0.99, patience=max(20, epochs // 4), seed=seed,
+        energy_weight=FINETUNE_ENERGY_WEIGHT, dtype="float64", sampling_temperature=1.0,
+    )
+    unknown = set(overrides) - set(values) - set(TrainSettings.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {sorted(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainSettings(**values)
+
+
+def held_out_count(n: int, val_fraction: float) -> int:
+    """Validation points out of ``n``: none below 10 points (cross-validation instead), else
+    ``val_fraction`` of them, at least 2."""
+    return 0 if n < 10 else max(2, int(round(val_fraction * n)))
+
+
+# weight of the squared per-atom energy error (eV/atom)^2 against the squared force error (eV/Å)^2
+FINETUNE_ENERGY_WEIGHT = 10.0
+
+
+def describe_settings(settings: TrainSettings, n: int, n_val: int) -> str:
+    split = (f"{n - n_val} to train on, {n_val} held out for validation and early stopping" if n_val
+             else f"all {n} to train on (epochs chosen by cross-validation: fewer than 10 points)")
+    return (f"fine-tuning on {n} points: {split}; batches of {settings.batch_size}, up to {settings.epochs} epochs "
+            f"x {settings.steps_per_epoch} steps, lr {settings.lr:g} (cosine to {settings.lr * settings.lr_min_factor:g}), "
+            f"stop after {settings.patience} epochs without improvement, {settings.dtype}")
+
+
 # --------------------------------------------------------------------------- the card
 def _labelled(errors: Dict[str, Any], measured_on: str) -> Dict[str, Any]:
     return {**errors, "measured_on": measured_on} if errors else {}
@@ -241,7 +294,7 @@ def changed_fidelities(base_state: Dict[str, torch.Tensor], base_elements: Seque
         "model.fidelity_embedding.weight": lambda t: t[:n],
     }
     for key, before in base_state.items():
-        if key in per_fidelity or key == "species_of_z":
+        if key in per_fidelity or key == "species_of_z" or key.rsplit(".", 1)[-1] in ELEMENT_CONSTANTS:
             continue
         after = state[key][columns] if key == "model.species_embedding.weight" else state[key]
         if _moved(before, after):

@@ -1,21 +1,42 @@
 """The network: a PaiNN-style equivariant message-passing potential conditioned on a trainable
 fidelity embedding.
 
-Input: element indices, the pair list and pair vectors, and each atom's fidelity index.
+Input: element indices, the pairs and their vectors, and each atom's fidelity index.
 Output: one energy per atom, in eV, at that atom's fidelity.
 
-    E_i = scale * MLP([s_i, f]) + E0[fidelity, element_i]
+    E_i = scale * MLP([s_i, f]) + E0[fidelity, element_i] (+ core repulsion)
 
 where s_i are the final invariant features, f = embedding[fidelity] is the learned vector of the
 level of theory, and E0 the per-fidelity, per-element reference energies that carry the large
 absolute offsets between methods. With ``fidelity_mode="film"`` the embedding also scales and
 shifts the scalar features after every interaction block (FiLM), so the whole network, not only
-the readout, can depend on the level of theory. The code avoids data-dependent Python control flow
-so that it scripts (TorchScript) and exports (torch.export).
+the readout, can depend on the level of theory.
+
+Features per atom: scalars s (F), vectors v (3, F) and, with ``max_l=2``, symmetric traceless
+rank-2 tensors t (3, 3, F) (Cartesian l = 2), mixed by messages built from the pair's unit
+vector r̂ (r̂, r̂r̂ᵀ - I/3) and the neighbour's features, each scaled by a learned radial filter
+(``radial_mlp``: a small MLP of the radial basis instead of one linear map).
+
+One network, two layouts of the pairs (``Pairs``): a pair list (E pairs, gathered with
+``index_select`` and summed with ``index_add``; any structure, periodic or not, and flat
+batches) and a dense (R, N, N) block for R same-size molecules (the gather is a broadcast and the
+sum a reduction over the neighbour axis: no scatter in the backward pass, used by the compiled
+path and replica MD). The layers are written once, against ``gather`` and ``accumulate``, with
+trailing-axis arithmetic that is the same in both layouts.
+
+Short range (``core_radius_factor`` > 0): no training set holds atoms much closer than ~0.7 of
+the sum of their covalent radii, and an unconstrained network is wild there (chno-mf: H2 at
+0.1 Å at -4e12 eV). Below ``core_radius_factor`` x (R_i + R_j) the learned part sees the pair
+distance smoothly clamped (it saturates instead of extrapolating), and a ZBL screened-nuclear
+repulsion is switched in below ``core_switch_factor`` x (R_i + R_j), so the energy rises
+monotonically as any two atoms are pushed together. Above that radius nothing changes.
+
+The code avoids data-dependent Python control flow so that it scripts (TorchScript) and exports
+(torch.export).
 """
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +60,14 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
         # Model files from before this option (mfcalc <= 0.3) lack it and read as False: their
         # energy jumps by ~0.1-0.6 eV when a pair crosses the cutoff (forces stay continuous).
         "filter_envelope": True,
+        # hidden width of the radial filter MLP (0: one linear map of the basis, as before 0.4)
+        "radial_mlp": 0,
+        # 1: scalars and vectors (PaiNN); 2: also symmetric traceless rank-2 tensors
+        "max_l": 1,
+        # learned part clamped below this x (sum of covalent radii); 0 switches the core off
+        "core_radius_factor": 0.45,
+        # ZBL repulsion switched in below this x (sum of covalent radii)
+        "core_switch_factor": 0.6,
     }
     unknown = set(overrides) - set(config)
     if unknown:
@@ -48,14 +77,49 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
         raise ValueError(
             f"fidelity_mode must be one of {FIDELITY_MODES}, got {config['fidelity_mode']!r}"
         )
+    if int(config["max_l"]) not in (1, 2):
+        raise ValueError(f"max_l must be 1 or 2, got {config['max_l']!r}")
     if len(set(config["fidelities"])) != len(config["fidelities"]) or not config["fidelities"]:
         raise ValueError(f"fidelity names must be unique and non-empty: {config['fidelities']}")
     return config
 
 
+# Model files written before an option existed read it with the behaviour they were trained with.
+LEGACY_DEFAULTS = {"filter_envelope": False, "radial_mlp": 0, "max_l": 1, "core_radius_factor": 0.0,
+                   "core_switch_factor": 0.0}
+
+
+class Pairs(NamedTuple):
+    """Which atoms interact, in one of two layouts.
+
+    Pair list: ``i``, ``j`` (E,) centre and neighbour of each pair; pair tensors are (E, ...),
+    atom tensors (N, ...). Dense: ``dense`` True, ``mask`` (R, N, N) of the pairs that interact
+    (within the cutoff, not self); pair tensors are (R, N, N, ...), atom tensors (R, N, ...),
+    and ``i``/``j`` are unused."""
+
+    i: Tensor
+    j: Tensor
+    dense: bool
+    mask: Optional[Tensor]
+
+
+def gather(x: Tensor, pairs: Pairs) -> Tensor:
+    """The neighbour's features for every pair: (E, ...) or (R, 1, N, ...) (broadcasts)."""
+    if pairs.dense:
+        return x.unsqueeze(1)
+    return x.index_select(0, pairs.j)
+
+
+def accumulate(x: Tensor, message: Tensor, pairs: Pairs) -> Tensor:
+    """x + the sum of each atom's pair messages (the messages are zero on masked pairs)."""
+    if pairs.dense:
+        return x + message.sum(2)
+    return x.index_add(0, pairs.i, message)
+
+
 class RadialBasis(nn.Module):
     """sin(n pi r / rc) / r for n = 1..K, times a cosine cutoff that is 0 (with zero slope) at rc.
-    Returns [basis (E, K), envelope (E, 1)]."""
+    Returns [basis (..., K), envelope (..., 1)]."""
 
     def __init__(self, n_basis: int, cutoff: float):
         super().__init__()
@@ -68,56 +132,131 @@ class RadialBasis(nn.Module):
         return [torch.sin(r * self.freq) / r * envelope, envelope]
 
 
-class Interaction(nn.Module):
-    """Equivariant message from neighbors j to atom i (PaiNN eq. 7-8)."""
+def radial_filter(n_basis: int, out: int, hidden: int) -> nn.Module:
+    if hidden <= 0:
+        return nn.Linear(n_basis, out)
+    return nn.Sequential(nn.Linear(n_basis, hidden), nn.SiLU(), nn.Linear(hidden, out))
 
-    def __init__(self, features: int, n_basis: int, filter_envelope: bool = True):
+
+def traceless_outer(a: Tensor, b: Tensor) -> Tensor:
+    """Symmetric traceless part of a ⊗ b for a (..., 3, F) and b (..., 3, 1) or (..., 3, F):
+    (..., 3, 3, F)."""
+    outer = a.unsqueeze(-2) * b.unsqueeze(-3)
+    sym = 0.5 * (outer + outer.transpose(-3, -2))
+    trace = (a * b).sum(dim=-2)
+    eye = torch.eye(3, dtype=a.dtype, device=a.device).unsqueeze(-1)
+    return sym - eye * (trace.unsqueeze(-2).unsqueeze(-2) / 3.0)
+
+
+class Interaction(nn.Module):
+    """Equivariant message from neighbours j to atom i (PaiNN eq. 7-8; with l = 2 tensors)."""
+
+    def __init__(self, features: int, n_basis: int, filter_envelope: bool = True, radial_mlp: int = 0,
+                 max_l: int = 1):
         super().__init__()
         self.features = features
         self.filter_envelope = filter_envelope
+        self.max_l = max_l
+        width = 3 if max_l == 1 else 7
+        self.width = width
         self.phi = nn.Sequential(
-            nn.Linear(features, features), nn.SiLU(), nn.Linear(features, 3 * features)
+            nn.Linear(features, features), nn.SiLU(), nn.Linear(features, width * features)
         )
-        self.filter = nn.Linear(n_basis, 3 * features)
+        self.filter = radial_filter(n_basis, width * features, radial_mlp)
 
     def forward(
-        self, s: Tensor, v: Tensor, edge_index: Tensor, basis: Tensor, unit: Tensor,
-        envelope: Tensor, first: bool = False,
+        self, s: Tensor, v: Tensor, t: Tensor, pairs: Pairs, basis: Tensor, unit: Tensor,
+        quadrupole: Tensor, envelope: Tensor, first: bool = False,
     ) -> List[Tensor]:
-        i, j = edge_index[0], edge_index[1]
         w = self.filter(basis)
         if self.filter_envelope:  # the bias too must vanish at the cutoff (PaiNN: W(r) fcut(r))
             w = w * envelope
-        x = self.phi(s).index_select(0, j) * w
-        ds, dv_v, dv_r = torch.split(x, self.features, dim=-1)
-        dv = dv_r.unsqueeze(1) * unit.unsqueeze(2)
-        if not first:  # in the first block v is still zero: skip the (E, 3, F) gather and product
-            dv = dv + v.index_select(0, j) * dv_v.unsqueeze(1)
-        s = s.index_add(0, i, ds)
-        v = v.index_add(0, i, dv)
-        return [s, v]
+        mask = pairs.mask
+        if mask is not None:
+            w = w * mask.unsqueeze(-1)
+        x = gather(self.phi(s), pairs) * w
+        parts = torch.split(x, self.features, dim=-1)
+        ds, dv_v, dv_r = parts[0], parts[1], parts[2]
+        dv = dv_r.unsqueeze(-2) * unit.unsqueeze(-1)
+        if not first:  # in the first block v (and t) are still zero: skip their products
+            dv = dv + gather(v, pairs) * dv_v.unsqueeze(-2)
+        if self.max_l == 2:
+            dt_r, dt_t, dt_v, dv_t = parts[3], parts[4], parts[5], parts[6]
+            dt = dt_r.unsqueeze(-2).unsqueeze(-2) * quadrupole.unsqueeze(-1)
+            if not first:
+                v_j = gather(v, pairs)
+                t_j = gather(t, pairs)
+                dt = dt + t_j * dt_t.unsqueeze(-2).unsqueeze(-2)
+                dt = dt + traceless_outer(v_j, unit.unsqueeze(-1)) * dt_v.unsqueeze(-2).unsqueeze(-2)
+                t_r = (t_j * unit.unsqueeze(-2).unsqueeze(-1)).sum(dim=-2)  # t_j · r̂: (..., 3, F)
+                dv = dv + t_r * dv_t.unsqueeze(-2)
+            t = accumulate(t, dt, pairs)
+        s = accumulate(s, ds, pairs)
+        v = accumulate(v, dv, pairs)
+        return [s, v, t]
 
 
 class Update(nn.Module):
-    """Per-atom mixing of scalar and vector channels (PaiNN eq. 9-11)."""
+    """Per-atom mixing of scalar, vector (and tensor) channels (PaiNN eq. 9-11)."""
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, max_l: int = 1):
         super().__init__()
         self.features = features
+        self.max_l = max_l
         self.uv = nn.Linear(features, 2 * features, bias=False)
+        self.ut = nn.Linear(features, 2 * features, bias=False) if max_l == 2 else nn.Identity()
+        n_in, n_out = (2, 3) if max_l == 1 else (3, 5)
         self.mlp = nn.Sequential(
-            nn.Linear(2 * features, features), nn.SiLU(), nn.Linear(features, 3 * features)
+            nn.Linear(n_in * features, features), nn.SiLU(), nn.Linear(features, n_out * features)
         )
 
-    def forward(self, s: Tensor, v: Tensor) -> List[Tensor]:
-        """s (..., F), v (..., 3, F): any leading axes (atoms, or replicas x atoms in mfcalc.dense)."""
+    def forward(self, s: Tensor, v: Tensor, t: Tensor) -> List[Tensor]:
+        """s (..., F), v (..., 3, F), t (..., 3, 3, F): any leading axes."""
         u, w = torch.split(self.uv(v), self.features, dim=-1)
         w_norm = torch.sqrt((w * w).sum(dim=-2) + 1e-8)
-        a = self.mlp(torch.cat([s, w_norm], dim=-1))
-        a_vv, a_sv, a_ss = torch.split(a, self.features, dim=-1)
+        if self.max_l == 2:
+            ut, wt = torch.split(self.ut(t), self.features, dim=-1)
+            wt_norm = torch.sqrt((wt * wt).sum(dim=-2).sum(dim=-2) + 1e-8)
+            a = self.mlp(torch.cat([s, w_norm, wt_norm], dim=-1))
+            parts = torch.split(a, self.features, dim=-1)
+            t = t + parts[3].unsqueeze(-2).unsqueeze(-2) * ut
+            s = s + parts[4] * (ut * wt).sum(dim=-2).sum(dim=-2)
+        else:
+            a = self.mlp(torch.cat([s, w_norm], dim=-1))
+            parts = torch.split(a, self.features, dim=-1)
+        a_vv, a_sv, a_ss = parts[0], parts[1], parts[2]
         v = v + a_vv.unsqueeze(-2) * u
         s = s + a_sv * (u * w).sum(dim=-2) + a_ss
-        return [s, v]
+        return [s, v, t]
+
+
+# buffers that are constants of the elements (rebuilt from the config; never trained)
+ELEMENT_CONSTANTS = ("atomic_number", "covalent_radius")
+
+
+def element_constants(elements: List[int]) -> Dict[str, Tensor]:
+    """Atomic numbers and covalent radii (Å, Cordero et al. 2008 as in ase.data) of the model's
+    elements, in species order."""
+    from ase.data import covalent_radii
+
+    zs = [int(z) for z in elements]
+    return {"atomic_number": torch.tensor(zs, dtype=torch.float64),
+            "covalent_radius": torch.tensor([float(covalent_radii[z]) for z in zs], dtype=torch.float64)}
+
+
+def zbl_energy(r: Tensor, zi: Tensor, zj: Tensor) -> Tensor:
+    """Ziegler-Biersack-Littmark screened nuclear repulsion of a pair, eV (r in Å)."""
+    a = 0.46850 / (zi.pow(0.23) + zj.pow(0.23))
+    x = r / a
+    screening = (0.18175 * torch.exp(-3.19980 * x) + 0.50986 * torch.exp(-0.94229 * x)
+                 + 0.28022 * torch.exp(-0.40290 * x) + 0.02817 * torch.exp(-0.20162 * x))
+    return 14.3996454784 * zi * zj / r * screening  # e^2 / (4 pi eps0) = 14.3996 eV Å
+
+
+def smooth_step(x: Tensor) -> Tensor:
+    """0 for x <= 0, 1 for x >= 1, C2 in between (6x^5 - 15x^4 + 10x^3)."""
+    x = x.clamp(0.0, 1.0)
+    return x * x * x * (x * (6.0 * x - 15.0) + 10.0)
 
 
 class MultiFidelityPaiNN(nn.Module):
@@ -125,26 +264,33 @@ class MultiFidelityPaiNN(nn.Module):
 
     def __init__(self, config: Dict[str, Any]):
         super().__init__()
+        config = {**LEGACY_DEFAULTS, **config}
         self.config = dict(config)
         f = int(config["features"])
         n_layers = int(config["layers"])
         d = int(config["fidelity_dim"])
         n_elements = len(config["elements"])
         n_fidelities = len(config["fidelities"])
+        max_l = int(config["max_l"])
         self.features = f
         self.n_layers = n_layers
+        self.max_l = max_l
         self.use_film = config["fidelity_mode"] == "film"
         self.cutoff = float(config["cutoff"])
+        self.core_radius_factor = float(config["core_radius_factor"])
+        self.core_switch_factor = float(config["core_switch_factor"])
+        self.use_core = self.core_radius_factor > 0.0
 
         self.species_embedding = nn.Embedding(n_elements, f)
         self.fidelity_embedding = nn.Embedding(n_fidelities, d)
         nn.init.normal_(self.fidelity_embedding.weight, std=1.0)
         self.radial = RadialBasis(int(config["radial_basis"]), self.cutoff)
-        self.interactions = nn.ModuleList(
-            [Interaction(f, int(config["radial_basis"]), bool(config.get("filter_envelope", False)))
-             for _ in range(n_layers)]
-        )
-        self.updates = nn.ModuleList([Update(f) for _ in range(n_layers)])
+        self.interactions = nn.ModuleList([
+            Interaction(f, int(config["radial_basis"]), bool(config["filter_envelope"]),
+                        int(config["radial_mlp"]), max_l)
+            for _ in range(n_layers)
+        ])
+        self.updates = nn.ModuleList([Update(f, max_l) for _ in range(n_layers)])
         # FiLM starts as the identity: every fidelity begins from the same network
         self.film = nn.Linear(d, 2 * f * n_layers)
         nn.init.zeros_(self.film.weight)
@@ -153,24 +299,102 @@ class MultiFidelityPaiNN(nn.Module):
         # energy normalisation, set from data before training (mfcalc.training.fit_reference)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("e0", torch.zeros(n_fidelities, n_elements))
+        # constants of the elements, for the core repulsion (buffers: they follow .to(device))
+        for name, values in element_constants(config["elements"]).items():
+            self.register_buffer(name, values)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Checkpoints written before the element constants existed load as before: the
+        constants are filled in from the configuration."""
+        for name, values in element_constants(self.config["elements"]).items():
+            state_dict.setdefault(prefix + name, values.to(getattr(self, name).dtype))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # ---------------------------------------------------------------- the two layouts
     def forward(
         self, species: Tensor, edge_index: Tensor, vectors: Tensor, fidelity: Tensor
     ) -> Tensor:
-        r = torch.sqrt((vectors * vectors).sum(dim=1))
-        unit = vectors / r.unsqueeze(1)
-        basis, envelope = self.radial(r)
+        """Pair list: species (N,), edge_index (2, E), vectors (E, 3) = x_j - x_i (+ shift),
+        fidelity (N,) per atom. Returns energies (N,)."""
+        r = torch.sqrt((vectors * vectors).sum(dim=-1))
+        pairs = Pairs(edge_index[0], edge_index[1], False, None)
+        i, j = edge_index[0], edge_index[1]
+        return self.atom_energies(species, fidelity, pairs, vectors, r, species[i], species[j])
+
+    def dense_energies(self, species: Tensor, positions: Tensor, fidelity: Tensor) -> List[Tensor]:
+        """Dense: species (R, N), positions (R, N, 3) in Å, fidelity (R,). Every pair within the
+        cutoff interacts, as with a full pair list. Returns [energies (R, N), shortest pair
+        distance]."""
+        n_atoms = species.shape[1]
+        vectors = positions.unsqueeze(1) - positions.unsqueeze(2)  # [r, i, j] = x_j - x_i
+        eye = torch.eye(n_atoms, dtype=positions.dtype, device=positions.device)
+        # the diagonal gets distance 1 instead of 0: finite everywhere (also in the gradient), masked
+        r = torch.sqrt((vectors * vectors).sum(-1) + eye)
+        interacting = (r < self.cutoff) & (eye == 0)
+        pairs = Pairs(species, species, True, interacting.to(positions.dtype))
+        fid_atoms = fidelity.unsqueeze(1).expand(species.shape[0], n_atoms)
+        energies = self.atom_energies(species, fid_atoms, pairs, vectors, r, species.unsqueeze(2),
+                                      species.unsqueeze(1))
+        shortest = torch.where(interacting, r, torch.full_like(r, float("inf"))).min()
+        return [energies, shortest]
+
+    # ---------------------------------------------------------------- the network, once
+    def atom_energies(self, species: Tensor, fidelity: Tensor, pairs: Pairs, vectors: Tensor, r: Tensor,
+                      species_i: Tensor, species_j: Tensor) -> Tensor:
+        unit = vectors / r.unsqueeze(-1)
+        core = torch.zeros_like(r)
+        if self.use_core:
+            core = self.covalent_radius[species_i] + self.covalent_radius[species_j]
+            r_learned = self._clamped(r, self.core_radius_factor * core)
+        else:
+            r_learned = r
+        basis, envelope = self.radial(r_learned)
         f = self.fidelity_embedding(fidelity)
 
         s = self.species_embedding(species)
-        v = torch.zeros((s.shape[0], 3, self.features), dtype=s.dtype, device=s.device)
+        lead = list(s.shape[:-1])
+        v = torch.zeros(lead + [3, self.features], dtype=s.dtype, device=s.device)
+        if self.max_l == 2:
+            t = torch.zeros(lead + [3, 3, self.features], dtype=s.dtype, device=s.device)
+            eye = torch.eye(3, dtype=r.dtype, device=r.device)
+            quadrupole = unit.unsqueeze(-1) * unit.unsqueeze(-2) - eye / 3.0
+        else:
+            t = torch.zeros((0,), dtype=s.dtype, device=s.device)
+            quadrupole = t
         film = torch.chunk(self.film(f), 2 * self.n_layers, dim=-1)
         layer = 0
         for interaction, update in zip(self.interactions, self.updates):
-            s, v = interaction(s, v, edge_index, basis, unit, envelope, layer == 0)
-            s, v = update(s, v)
+            s, v, t = interaction(s, v, t, pairs, basis, unit, quadrupole, envelope, layer == 0)
+            s, v, t = update(s, v, t)
             if self.use_film:
                 s = s * (1.0 + film[2 * layer]) + film[2 * layer + 1]
             layer += 1
         out = self.readout(torch.cat([s, f], dim=-1)).squeeze(-1)
-        return out * self.scale + self.e0[fidelity, species]
+        energies = out * self.scale + self.e0[fidelity, species]
+        if self.use_core:
+            energies = accumulate(energies, self._core_repulsion(r, core, species_i, species_j, pairs), pairs)
+        return energies
+
+    @staticmethod
+    def _clamped(r: Tensor, r_core: Tensor) -> Tensor:
+        """r above r_core; below it, r_core - w tanh((r_core - r) / w) with w = r_core / 4: equal
+        value, slope and curvature at r_core, and never below 3/4 r_core."""
+        width = 0.25 * r_core
+        inner = r_core - width * torch.tanh((r_core - r) / width)
+        return torch.where(r < r_core, inner, r)
+
+    def _core_repulsion(self, r: Tensor, core: Tensor, species_i: Tensor, species_j: Tensor,
+                        pairs: Pairs) -> Tensor:
+        """Half of each pair's switched ZBL energy (each atom of the pair gets half)."""
+        inner = self.core_radius_factor * core
+        outer = self.core_switch_factor * core
+        switch = 1.0 - smooth_step((r - inner) / (outer - inner))
+        zi = self.atomic_number[species_i].to(r.dtype)
+        zj = self.atomic_number[species_j].to(r.dtype)
+        energy = 0.5 * zbl_energy(r, zi, zj) * switch
+        mask = pairs.mask
+        if mask is not None:
+            energy = energy * mask
+        return energy

@@ -35,7 +35,8 @@ import torch
 
 from . import __version__
 from .data import (
-    Structure, read_ase_db, read_extxyz, read_frames_npz, read_gdml_npz, read_transition1x_json, split_indices,
+    Structure, read_ase_db, read_extxyz, read_frames_npz, read_gdml_npz, read_rmd17_npz, read_transition1x_json,
+    split_indices,
 )
 from .model import default_config
 from .modelfile import build_forcefield, checksum, export_model, save_checkpoint
@@ -43,7 +44,8 @@ from .training import TrainSettings, distributed_rank_world, evaluate, init_dist
 
 READERS = {
     "extxyz": read_extxyz,
-    "gdml": read_gdml_npz,  # sGDML and mbGDML .npz
+    "gdml": read_gdml_npz,  # sGDML and mbGDML .npz (also cc_avtz/: R, z, E, F with energy_unit eV)
+    "rmd17": read_rmd17_npz,  # revised MD17 .npz (labels: revised | original)
     "frames-npz": read_frames_npz,  # mfcalc's flat .npz of many molecules (data/chno)
     "ase-db": read_ase_db,
     "transition1x": read_transition1x_json,

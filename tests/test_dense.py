@@ -1,4 +1,4 @@
-"""The dense (R, N, N) graph of mfcalc.dense gives the pair-list model's energies and forces."""
+"""The dense (R, N, N) layout of the network gives the pair-list layout's energies and forces."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,6 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
-from mfcalc.dense import dense_energies
 from mfcalc.neighbors import dense_neighbor_list
 
 
@@ -42,7 +41,7 @@ def test_dense_graph_equals_the_pair_list(forcefield_factory, mode, envelope):
     fidelities = [0, 2, 1]
     positions = torch.tensor(np.stack([a.positions for a in structures]), requires_grad=True)
     species = forcefield.species_of_z[torch.tensor(np.stack([a.numbers for a in structures]))]
-    energies, shortest = dense_energies(forcefield.model, species, positions, torch.tensor(fidelities))
+    energies, shortest = forcefield.model.dense_energies(species, positions, torch.tensor(fidelities))
     forces = -torch.autograd.grad(energies.sum(), positions)[0]
     assert torch.isfinite(forces).all()
     for k, atoms in enumerate(structures):

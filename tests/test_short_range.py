@@ -1,0 +1,86 @@
+"""Short range: every element pair is repulsive and monotonic as two atoms are pushed together,
+and the core (clamped learned part + ZBL) changes nothing at ordinary distances."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+from ase.data import covalent_radii
+
+from mfcalc.model import zbl_energy
+
+
+def dimer_curve(forcefield, z1, z2, distances, fidelity=0):
+    energies, forces = [], []
+    for d in distances:
+        positions = torch.tensor([[0.0, 0.0, 0.0], [d, 0.0, 0.0]], dtype=torch.float64)
+        out = forcefield.compute(positions, torch.tensor([z1, z2]), torch.zeros(3, 3, dtype=torch.float64),
+                                 torch.zeros(3, dtype=torch.bool), fidelity)
+        energies.append(float(out["energy"]))
+        forces.append(float(out["forces"][1, 0]))
+    return np.array(energies), np.array(forces)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_pair_is_repulsive_and_monotonic_inside_the_core(forcefield_factory, seed):
+    forcefield = forcefield_factory(seed=seed).eval()
+    model = forcefield.model
+    for z1, z2 in itertools.combinations_with_replacement(forcefield.elements, 2):
+        core = model.core_radius_factor * (covalent_radii[z1] + covalent_radii[z2])
+        distances = np.linspace(0.02, core, 60)
+        for fidelity in range(len(forcefield.fidelities)):
+            energies, forces = dimer_curve(forcefield, z1, z2, distances, fidelity)
+            assert np.isfinite(energies).all() and np.isfinite(forces).all()
+            assert (np.diff(energies) < 0).all(), (z1, z2, fidelity, energies)
+            assert (forces > 0).all(), (z1, z2, fidelity)  # the second atom is pushed away
+
+
+def test_the_core_changes_nothing_at_ordinary_distances(forcefield_factory):
+    forcefield = forcefield_factory(seed=4).eval()
+    without = forcefield_factory(seed=4).eval()
+    without.model.use_core = False
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=3)
+    args = (torch.tensor(atoms.positions), torch.tensor(atoms.numbers), torch.zeros(3, 3, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.bool), 1)
+    a, b = forcefield.compute(*args), without.compute(*args)
+    assert float(a["energy"]) == float(b["energy"])
+    assert torch.equal(a["forces"], b["forces"])
+
+
+def test_the_core_is_smooth_across_its_radii(forcefield_factory):
+    """Energy and force continuous through the clamp radius and the ZBL switch radius."""
+    forcefield = forcefield_factory(seed=5).eval()
+    model = forcefield.model
+    total = covalent_radii[8] + covalent_radii[1]
+    h = 1e-5
+    for radius in (model.core_radius_factor * total, model.core_switch_factor * total):
+        energies, forces = dimer_curve(forcefield, 8, 1, radius + np.array([-h, 0.0, h, -1e-8, 1e-8]))
+        left, right = (energies[1] - energies[0]) / h, (energies[2] - energies[1]) / h
+        assert abs(left - right) < 0.01 * abs(left) + 1e-3, (radius, left, right)  # no kink
+        assert abs(forces[4] - forces[3]) < 1e-3 * abs(forces[3]) + 1e-6  # no force jump
+        assert forces[1] == pytest.approx(-0.5 * (left + right), rel=1e-3)  # F = -dE/dr
+
+
+def test_zbl_matches_the_published_screening():
+    # H-H at 0.5 Å: a = 0.4685 / (2 * 1**0.23) = 0.23425 Å
+    x = 0.5 / 0.23425
+    phi = (0.18175 * np.exp(-3.19980 * x) + 0.50986 * np.exp(-0.94229 * x)
+           + 0.28022 * np.exp(-0.40290 * x) + 0.02817 * np.exp(-0.20162 * x))
+    expected = 14.3996454784 / 0.5 * phi
+    one = torch.tensor([1.0], dtype=torch.float64)
+    assert float(zbl_energy(torch.tensor([0.5], dtype=torch.float64), one, one)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_dense_layout_has_the_same_core(forcefield_factory):
+    forcefield = forcefield_factory(seed=6).eval()
+    atoms = Atoms("HHOC", positions=[[0, 0, 0], [0.15, 0, 0], [1.2, 0.3, 0], [0.2, 0.9, 0.1]])
+    positions = torch.tensor(atoms.positions).unsqueeze(0)
+    species = forcefield.species_of_z[torch.tensor(atoms.numbers)].unsqueeze(0)
+    dense, _ = forcefield.model.dense_energies(species, positions, torch.tensor([2]))
+    flat = forcefield.compute(positions[0], torch.tensor(atoms.numbers), torch.zeros(3, 3, dtype=torch.float64),
+                              torch.zeros(3, dtype=torch.bool), 2)["energies"]
+    torch.testing.assert_close(dense[0].detach(), flat, atol=1e-9, rtol=0)
