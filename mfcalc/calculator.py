@@ -2,20 +2,27 @@
 
 import contextlib
 import difflib
+import functools
+import threading
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from .modelfile import DEFAULT_MODEL, load_model
-from .neighbors import BACKENDS
+from .modelfile import DEFAULT_MODEL, ModelFileError, load_model
+from .neighbors import BACKENDS, check_periodic_images, complete_cell
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOO_CLOSE = 0.1  # Å: closer pairs get a warning
+MAX_Z = 118  # atomic numbers 1..118 are elements; ASE's 0 ('X') is a ghost atom
+NEUTRAL_SINGLET = ((0, 1),)  # (charge, multiplicity) states of a model whose metadata names none
+CHARGE_KEYS = ("charge", "total_charge")  # atoms.info keys ASE, fairchem and MACE users set
 # the per-atom arrays whose change invalidates results (ASE's all_changes less cell and pbc)
 ARRAY_CHANGES = [name for name in all_changes if name not in ("cell", "pbc")]
 
@@ -81,6 +88,233 @@ def exact_changes(old: Atoms, new: Atoms, ignored: Optional[set] = None) -> List
     return changes
 
 
+# ---------------------------------------------------------------------- structure checks
+# One set of checks for every entry point (calculate, predict_all_fidelities, batch/predict,
+# ReplicaMD): MFCalculator.check_structure calls these.
+def check_numbers(numbers: np.ndarray, elements: Sequence[int]) -> None:
+    """Every atomic number is an element (1-118) that the model knows."""
+    if len(numbers) == 0:
+        raise ValueError("the structure has no atoms")
+    bad = (numbers < 0) | (numbers > MAX_Z)
+    if bad.any():
+        raise ValueError(
+            f"atomic number(s) {sorted(set(numbers[bad].tolist()))} (atom(s) {np.where(bad)[0].tolist()[:10]}) "
+            f"are not elements: atomic numbers run from 1 (H) to {MAX_Z} (Og); this model knows "
+            f"{list(elements)} ({[chemical_symbols[z] for z in elements]})"
+        )
+    unknown = sorted(set(numbers.tolist()) - set(elements))
+    if unknown:
+        ghost = (" Atomic number 0 ('X') is ASE's ghost/dummy atom, not an element: remove it "
+                 "(del atoms[atoms.numbers == 0])." if 0 in unknown else "")
+        raise ValueError(
+            f"element(s) {[chemical_symbols[z] for z in unknown]} are not in this model; it knows "
+            f"{[chemical_symbols[z] for z in elements]}.{ghost}"
+        )
+
+
+def check_cell(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> None:
+    """Periodic directions have independent cell vectors, and not so short that the neighbor
+    search would need more periodic images than ``neighbors.MAX_PERIODIC_IMAGES``."""
+    if not pbc.any():
+        return
+    periodic_rows = cell[pbc]
+    gram = periodic_rows @ periodic_rows.T
+    if np.linalg.det(gram) < 1e-6:
+        raise ValueError(
+            f"the cell vectors of the periodic directions (pbc={pbc.tolist()}) "
+            f"are zero or linearly dependent: cell={cell.tolist()}; set a "
+            "cell with non-zero volume, or pbc=False for a molecule"
+        )
+    pbc_t = torch.from_numpy(pbc.copy())
+    check_periodic_images(complete_cell(torch.from_numpy(cell.astype(np.float64)), pbc_t), pbc_t, cutoff)
+
+
+def check_positions(positions: np.ndarray) -> None:
+    """Positions are finite numbers."""
+    finite = np.isfinite(positions)
+    if not finite.all():
+        bad = np.where(~finite.all(axis=1))[0]
+        raise ValueError(f"positions of atom(s) {bad.tolist()[:10]} are NaN or infinite")
+
+
+def _info_number(atoms: Atoms, keys: Sequence[str]) -> Tuple[Optional[str], Optional[float]]:
+    """The first of ``keys`` in ``atoms.info`` and its value as a number (None, None if absent)."""
+    for key in keys:
+        if key in atoms.info and atoms.info[key] is not None:
+            value = atoms.info[key]
+            try:
+                return key, float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"atoms.info[{key!r}] = {value!r} is not a number") from None
+    return None, None
+
+
+def state_text(states: Sequence[Sequence[int]]) -> str:
+    """``[(0, 1)]`` -> ``"neutral singlet"``; ``[(1, 2)]`` -> ``"charge +1 doublet"``."""
+    spins = {1: "singlet", 2: "doublet", 3: "triplet", 4: "quartet"}
+    return ", ".join(f"{'neutral' if c == 0 else f'charge {c:+d}'} {spins.get(m, f'multiplicity {m}')}"
+                     for c, m in states)
+
+
+def _multiplicity(atoms: Atoms, electrons: Optional[int]) -> Tuple[Optional[str], Optional[float], str]:
+    """The spin multiplicity 2S+1 set in ``atoms.info``: (key, value, how it was read), or
+    (None, None, "") when none is set.
+
+    'multiplicity' is 2S+1. 'spin' means 2S to PySCF and to ``mfcalc label`` (0: singlet) and
+    2S+1 to fairchem (1: singlet); for a molecule exactly one reading fits the electron count,
+    and that one is taken. For a periodic cell 0 reads as a singlet and other values as 2S+1.
+    """
+    key, value = _info_number(atoms, ("multiplicity",))
+    if key is not None:
+        return key, value, "multiplicity 2S+1"
+    key, value = _info_number(atoms, ("spin",))
+    if key is None:
+        return None, None, ""
+    if value != int(value):
+        return key, value, "spin"
+    if electrons is None:
+        return (key, 1.0, "2S") if value == 0 else (key, value, "2S+1")
+    if (electrons + int(value) + 1) % 2 == 1 or value == 0:
+        return key, value + 1, "2S"
+    return key, value, "2S+1"
+
+
+def charge_state_problem(atoms: Atoms, states: Sequence[Sequence[int]] = NEUTRAL_SINGLET) -> Optional[str]:
+    """Why the model cannot represent this structure's charge or spin, or None if it can.
+
+    ``states``: the (charge, multiplicity) pairs the model was trained on (default: neutral
+    singlet). Read from ``atoms.info`` ('charge' or 'total_charge'; 'multiplicity' or 'spin', see
+    ``_multiplicity``), for molecules the electron count (an odd number is a radical), and the
+    per-atom initial charges and magnetic moments.
+    """
+    trained = f"this model was trained on {state_text(states)} structures only"
+    charge_key, charge = _info_number(atoms, CHARGE_KEYS)
+    charge = 0.0 if charge is None else charge
+    if charge != int(charge):
+        return f"atoms.info[{charge_key!r}] = {charge:g}: a charge must be a whole number of electrons"
+    allowed_charges = sorted({c for c, _ in states})
+    if int(charge) not in allowed_charges:
+        return (f"atoms.info[{charge_key!r}] = {charge:+g}, but {trained} and it has no charge input (it would "
+                f"predict the structure as if it had charge {allowed_charges[0]}); pass a structure with "
+                f"charge {allowed_charges[0]} (or remove the key)")
+    molecule = not atoms.pbc.any()  # electron parity only means something for a finite molecule
+    electrons = int(atoms.numbers.sum()) - int(charge) if molecule else None
+    formula = f"{atoms.get_chemical_formula()} (charge {int(charge):+d}, {electrons} electrons)"
+    spin_key, multiplicity, how = _multiplicity(atoms, electrons)
+    if spin_key is not None and (multiplicity != int(multiplicity) or multiplicity < 1):
+        return (f"atoms.info[{spin_key!r}] = {atoms.info[spin_key]!r} is not a spin state: "
+                "the multiplicity 2S+1 is a whole number >= 1 (2S >= 0)")
+    if molecule and multiplicity is None:
+        multiplicity = 1 if electrons % 2 == 0 else 2
+        if (int(charge), multiplicity) not in states:
+            return (f"{formula} has an odd number of electrons: it is a radical (doublet or higher spin), "
+                    f"but {trained} (closed shell: an even number of electrons); add or remove a "
+                    "hydrogen to close the shell")
+        return _initial_arrays_problem(atoms, trained)
+    if molecule and (electrons + int(multiplicity)) % 2 == 0:
+        return (f"atoms.info[{spin_key!r}] = {atoms.info[spin_key]!r} is impossible for {formula}: an "
+                f"{'even' if electrons % 2 == 0 else 'odd'} number of electrons needs an "
+                f"{'odd' if electrons % 2 == 0 else 'even'} multiplicity 2S+1")
+    if multiplicity is not None and (int(charge), int(multiplicity)) not in states:
+        reading = f" (read as {how}: multiplicity {int(multiplicity)})" if spin_key == "spin" else ""
+        return (f"atoms.info[{spin_key!r}] = {atoms.info[spin_key]!r}{reading}, but {trained} and it has no spin "
+                "input (it would predict the closed-shell state); remove the key for a closed-shell structure")
+    return _initial_arrays_problem(atoms, trained)
+
+
+def _initial_arrays_problem(atoms: Atoms, trained: str) -> Optional[str]:
+    """Non-zero per-atom initial charges or magnetic moments: inputs the model has not got."""
+    for name, remove in (("initial_charges", "set_initial_charges(None)"),
+                         ("initial_magmoms", "set_initial_magnetic_moments(None)")):
+        values = atoms.arrays.get(name)
+        if values is not None and np.any(values != 0):
+            on = np.where(np.any(np.reshape(values, (len(atoms), -1)) != 0, axis=1))[0].tolist()
+            return (f"the structure has non-zero {name} (atom(s) {on[:10]}, sum {np.sum(values):+g}), but this "
+                    f"model has no per-atom charge or spin input ({trained}) and would ignore them: remove "
+                    f"them (atoms.{remove}) or set them to 0")
+    return None
+
+
+def closest_pair(atoms: Atoms) -> Tuple[float, int, int]:
+    """Shortest interatomic distance (periodic images included) and its two atoms; inf for one
+    atom. For error messages: no more than a cheap search within 2 Å in large systems."""
+    if len(atoms) < 2:
+        return float("inf"), -1, -1
+    if len(atoms) <= 500 or not atoms.pbc.any():
+        d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+        d[np.diag_indices(len(atoms))] = np.inf
+        i, j = np.unravel_index(np.argmin(d), d.shape)
+        return float(d[i, j]), int(min(i, j)), int(max(i, j))
+    from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+    i, j, d = ase_neighbor_list("ijd", atoms, 2.0)
+    if len(d) == 0:
+        return float("inf"), -1, -1
+    k = int(np.argmin(d))
+    return float(d[k]), int(i[k]), int(j[k])
+
+
+def warn_if_close(min_distance: float, where: str = "") -> None:
+    """RuntimeWarning for a pair closer than TOO_CLOSE (the model never saw such contacts)."""
+    if min_distance < TOO_CLOSE:
+        warnings.warn(
+            f"two atoms{where} are {min_distance:.3g} Å apart (< {TOO_CLOSE} Å): the "
+            "model was never trained on such contacts and its energy is meaningless there",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
+def check_finite_results(energy: np.ndarray, forces: np.ndarray, atoms: Atoms, where: str = "") -> None:
+    """FloatingPointError, naming the closest pair, if the model returned NaN or inf: checked
+    before anything is cached as a result (coincident atoms give 0/0 in the pair directions)."""
+    if np.isfinite(forces).all() and np.isfinite(energy).all():
+        return
+    what = "forces" if not np.isfinite(forces).all() else "energy"
+    d, i, j = closest_pair(atoms)
+    if d < 1e-6:
+        raise FloatingPointError(f"the model returned non-finite {what}{where}: atoms {i} and {j} are on top of "
+                                 f"each other (smallest distance {d:.3g} Å); move them apart")
+    raise FloatingPointError(
+        f"the model returned non-finite {what}{where} (smallest distance {d:.3g} Å, atoms {i} and {j}): the "
+        "structure is outside anything the model can evaluate; check the positions (units: Å) and the cell"
+    )
+
+
+def stress_defined(atoms: Atoms) -> bool:
+    """Stress is (1/V) dE/d(strain): defined for a periodic structure whose cell, with the rows of
+    non-periodic directions as given, has a volume (a slab with a vacuum row: yes; a slab whose
+    non-periodic row is zero: no)."""
+    return bool(atoms.pbc.any()) and abs(np.linalg.det(atoms.cell.array)) > 1e-9
+
+
+def undefined_stress_error(atoms: Atoms) -> PropertyNotImplementedError:
+    """Why a structure has no stress, and what to set to get one."""
+    if not atoms.pbc.any():
+        return PropertyNotImplementedError(
+            "stress is defined for periodic cells only; this structure has pbc=False in "
+            "every direction (set atoms.pbc and a cell to get a stress)"
+        )
+    zero = [d for d in range(3) if not atoms.pbc[d] and np.linalg.norm(atoms.cell.array[d]) < 1e-9] or [2]
+    example = [20 if k == zero[0] else 0 for k in range(3)]
+    return PropertyNotImplementedError(
+        f"stress is not defined for this structure: pbc={atoms.pbc.tolist()} and the cell row(s) {zero} of "
+        "its non-periodic direction(s) are zero, so the cell has no volume to divide dE/d(strain) by; "
+        f"set them to the vacuum length the stress should refer to (e.g. atoms.cell[{zero[0]}] = {example}; "
+        "energy and forces do not depend on it)"
+    )
+
+
+def _locked(method):
+    """Run ``method`` holding the calculator's lock: one structure at a time per calculator."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class MFCalculator(Calculator):
     """ASE calculator for a multi-fidelity mfcalc potential.
 
@@ -97,9 +331,30 @@ class MFCalculator(Calculator):
         TorchScript file (opt-in: the first call takes tens of seconds to compile, cached on
         disk for later runs; then about twice as fast for small molecules on CPU, see
         benchmarks/md_speed.py).
+    allow_unsupported_state: the model has no charge or spin input; by default a structure it
+        cannot represent (a charge or spin in ``atoms.info``, non-zero initial charges or
+        magnetic moments, an odd-electron molecule) raises ValueError. True turns that into one
+        RuntimeWarning and predicts the structure as the model sees it (neutral closed shell).
+        The states a model was trained on come from its metadata ``charge_states`` (a list of
+        [charge, multiplicity]); absent, neutral singlet.
+    check_domain: when the model file carries training-domain statistics (metadata ``domain``,
+        see mfcalc.domain), check every structure against them: ``calc.domain_warnings`` lists
+        the reasons for the last one, and the first structure with any gives one
+        ``OutOfDomainWarning`` (a RuntimeWarning) per calculator. ``calc.out_of_domain(atoms)``
+        asks explicitly.
 
     Properties: energy, free_energy (= energy), energies (per atom), forces, and stress for
-    periodic cells, in eV and Å. ``calc.fidelity = "..."`` switches level of theory.
+    periodic cells, in eV and Å. ``calc.fidelity = "..."`` switches level of theory. Stress is
+    (1/V) dE/d(strain) with V the volume of the cell as given: for a slab or wire, the rows of
+    the non-periodic directions set V (a vacuum length); if they are zero the stress is not
+    defined and asking for it raises PropertyNotImplementedError (energy and forces work).
+
+    Every entry point (ASE's get_* and calculate, ``predict_all_fidelities``, ``batch``,
+    ``replicas.predict``, ``ReplicaMD``) runs the same checks (``check_structure``).
+    Threads: one calculator may be shared; its calls are serialised by a lock (one force call
+    at a time; ASE's own calculators are not thread-safe at all). Processes: a calculator
+    pickles (``multiprocessing``) as its constructor arguments; the copy reloads the model
+    file by path and refuses to start if the file's checksum has changed.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -112,11 +367,14 @@ class MFCalculator(Calculator):
         dtype: Union[None, str, torch.dtype] = None,
         neighbor_list: str = "auto",
         compile: bool = False,
+        allow_unsupported_state: bool = False,
+        check_domain: bool = True,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         if neighbor_list not in BACKENDS:
             raise ValueError(f"neighbor_list must be one of {BACKENDS}, got {neighbor_list!r}")
+        self._lock = threading.RLock()
         self.device = _parse_device(device)
         self.module, self.metadata = load_model(model, self.device, _parse_dtype(dtype))
         self.dtype = next(self.module.parameters()).dtype
@@ -130,6 +388,16 @@ class MFCalculator(Calculator):
         self._fidelity_index = -1
         self.fidelity = self.metadata["default_fidelity"] if fidelity is None else fidelity
         self._checked_structure: Optional[tuple] = None
+        self.allow_unsupported_state = bool(allow_unsupported_state)
+        self.charge_states = [tuple(int(x) for x in state)
+                              for state in self.metadata.get("charge_states", NEUTRAL_SINGLET)]
+        self._state_warned = False
+        self._init_domain(check_domain)
+        self._init_args = {"model": str(Path(self.metadata["path"]).resolve()), "device": str(self.device),
+                           "neighbor_list": neighbor_list, "compile": bool(compile),
+                           "allow_unsupported_state": self.allow_unsupported_state,
+                           "check_domain": bool(check_domain),
+                           **{k: v for k, v in kwargs.items() if k != "atoms"}}
 
     def _compiled(self, scripted):
         """The same weights with energy + forces (+ stress) compiled as one graph by
@@ -149,8 +417,11 @@ class MFCalculator(Calculator):
         if name in self.aliases:
             return self.aliases[name]
         choices = self.fidelities + sorted(self.aliases)
-        close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        same_letters = [c for c in choices if c.casefold() == str(name).casefold()]
+        close = same_letters or difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        if same_letters:
+            hint += " (fidelity names and aliases are case-sensitive)"
         alias_text = ", ".join(f"{a!r} -> {t!r}" for a, t in sorted(self.aliases.items()))
         raise ValueError(
             f"unknown fidelity {name!r} for model {self.metadata.get('path')}.{hint} "
@@ -166,9 +437,10 @@ class MFCalculator(Calculator):
     @fidelity.setter
     def fidelity(self, name: str) -> None:
         index = self.fidelities.index(self.resolve_fidelity(name))
-        if index != self._fidelity_index:
-            self._fidelity_index = index
-            self.reset()  # results belong to the old level of theory
+        with self._lock:
+            if index != self._fidelity_index:
+                self._fidelity_index = index
+                self.reset()  # results belong to the old level of theory
 
     # ------------------------------------------------------------------ ASE interface
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> List[str]:
@@ -176,6 +448,13 @@ class MFCalculator(Calculator):
             return list(all_changes)
         return exact_changes(self.atoms, atoms, set(self.ignored_changes))
 
+    @_locked
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        # the whole state check -> calculate -> read results sequence under the lock: another
+        # thread must not swap the structure or the results in between
+        return super().get_property(name, atoms, allow_calculation)
+
+    @_locked
     def calculate(
         self,
         atoms: Optional[Atoms] = None,
@@ -184,20 +463,11 @@ class MFCalculator(Calculator):
     ) -> None:
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        self._check_structure(atoms)
-        positions = atoms.positions
-        if not np.isfinite(positions).all():
-            bad = np.where(~np.isfinite(positions).all(axis=1))[0]
-            raise ValueError(f"positions of atom(s) {bad.tolist()[:10]} are NaN or infinite")
-        periodic = bool(atoms.pbc.any())
-        if "stress" in properties and not periodic:
-            raise PropertyNotImplementedError(
-                "stress is defined for periodic cells only; this structure has pbc=False in "
-                "every direction (set atoms.pbc and a cell to get a stress)"
-            )
+        self.check_structure(atoms)
+        want_stress = self._stress_wanted(atoms, properties)
         # the model is translation invariant: centring in float64 keeps float32 exact far from
         # the origin (pair lists and shifts do not change under a common translation)
-        positions = torch.from_numpy(positions - positions[0]).to(self.device, self.dtype)
+        positions = torch.from_numpy(atoms.positions - atoms.positions[0]).to(self.device, self.dtype)
         with script_execution(self.module):
             out = self.module.compute(
                 positions,
@@ -205,23 +475,15 @@ class MFCalculator(Calculator):
                 self._cell,
                 self._pbc,
                 self._fidelity_index,
-                periodic,  # stress comes almost free with the forces; NPT and cell filters want both
+                want_stress,
                 self._backend,
                 self._edges(positions),
             )
-        if "min_distance" in out and float(out["min_distance"]) < TOO_CLOSE:
-            warnings.warn(
-                f"two atoms are {float(out['min_distance']):.3g} Å apart (< {TOO_CLOSE} Å): the "
-                "model was never trained on such contacts and its energy is meaningless there",
-                RuntimeWarning, stacklevel=2,
-            )
+        if "min_distance" in out:
+            warn_if_close(float(out["min_distance"]))
         forces = out["forces"].cpu().numpy().astype(np.float64)
-        if not np.isfinite(forces).all():  # checked before anything is cached as a result
-            raise FloatingPointError(
-                "the model returned non-finite forces; two atoms may be on top of each other "
-                f"(smallest distance {self._min_distance(atoms):.3g} Å)"
-            )
         energy = float(out["energy"])
+        check_finite_results(np.float64(energy), forces, atoms)  # before anything is cached
         self.results = {
             "energy": energy,
             "free_energy": energy,
@@ -231,6 +493,17 @@ class MFCalculator(Calculator):
         if "stress" in out:
             stress = out["stress"].cpu().numpy().astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
+        self._check_domain(atoms, forces)
+
+    @staticmethod
+    def _stress_wanted(atoms: Atoms, properties: Sequence[str]) -> bool:
+        """Compute stress wherever it is defined (it comes almost free with the forces; NPT and
+        cell filters want both); PropertyNotImplementedError, saying why, where asked for and
+        not defined (molecules; slabs and wires whose non-periodic cell rows are zero)."""
+        defined = stress_defined(atoms)
+        if "stress" in properties and not defined:
+            raise undefined_stress_error(atoms)
+        return defined
 
     # ------------------------------------------------------------------ helpers
     def _edges(self, positions: torch.Tensor) -> Optional[List[torch.Tensor]]:
@@ -242,31 +515,36 @@ class MFCalculator(Calculator):
         edge_index, shifts = torch_cluster_neighbor_list(positions, self._cell, self._pbc, self.cutoff)
         return [edge_index, shifts]
 
+    def check_structure(self, atoms: Atoms) -> None:
+        """Every check a structure must pass before the model sees it, the same for every entry
+        point: atomic numbers (1-118, known to the model), the periodic cell (independent
+        vectors, not so small that the search needs more than MAX_PERIODIC_IMAGES images),
+        finite positions, and a charge and spin the model can represent. ValueError naming the
+        problem otherwise. Leaves the structure's tensors ready for the force call."""
+        self._check_structure(atoms)
+        check_positions(atoms.positions)
+        self._check_charge_state(atoms)
+
+    def _check_charge_state(self, atoms: Atoms) -> None:
+        problem = charge_state_problem(atoms, self.charge_states)
+        if problem is None:
+            return
+        if not self.allow_unsupported_state:
+            raise ValueError(problem + "; MFCalculator(..., allow_unsupported_state=True) predicts it anyway, "
+                             "as the model sees it (without charge or spin)")
+        if not self._state_warned:
+            self._state_warned = True
+            warnings.warn(problem + " (allow_unsupported_state=True: predicted without charge or spin; "
+                          "this warning is shown once per calculator)", RuntimeWarning, stacklevel=3)
+
     def _check_structure(self, atoms: Atoms) -> None:
         """Checks that depend on numbers, cell and pbc only; cached until one of them changes."""
         key = (atoms.numbers.tobytes(), atoms.cell.array.tobytes(), atoms.pbc.tobytes())
         if key == self._checked_structure:
             return
         self._checked_structure = None
-        if len(atoms) == 0:
-            raise ValueError("the structure has no atoms")
-        unknown = sorted(set(atoms.numbers.tolist()) - set(self.elements))
-        if unknown:
-            from ase.data import chemical_symbols as sym
-
-            raise ValueError(
-                f"element(s) {[sym[z] for z in unknown]} are not in this model; it knows "
-                f"{[sym[z] for z in self.elements]}"
-            )
-        if atoms.pbc.any():
-            periodic_rows = atoms.cell.array[atoms.pbc]
-            gram = periodic_rows @ periodic_rows.T
-            if np.linalg.det(gram) < 1e-6:
-                raise ValueError(
-                    f"the cell vectors of the periodic directions (pbc={atoms.pbc.tolist()}) "
-                    f"are zero or linearly dependent: cell={atoms.cell.array.tolist()}; set a "
-                    "cell with non-zero volume, or pbc=False for a molecule"
-                )
+        check_numbers(atoms.numbers, self.elements)
+        check_cell(atoms.cell.array, atoms.pbc, self.cutoff)
         self._numbers = torch.from_numpy(atoms.numbers.astype(np.int64)).to(self.device)
         self._cell = torch.from_numpy(atoms.cell.array.copy()).to(self.device, self.dtype)
         self._pbc = torch.from_numpy(atoms.pbc.copy()).to(self.device)
@@ -278,14 +556,85 @@ class MFCalculator(Calculator):
         self._backend = backend
         self._checked_structure = key
 
-    @staticmethod
-    def _min_distance(atoms: Atoms) -> float:
-        if len(atoms) < 2:
-            return float("inf")
-        d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
-        return float(d[np.triu_indices(len(atoms), 1)].min())
+    # ------------------------------------------------------------------ training domain
+    def _init_domain(self, enabled: bool) -> None:
+        self.domain = None
+        self.domain_warnings: List[str] = []  # reasons the last structure looked out of domain
+        self._domain_warned = False
+        if enabled and "domain" in self.metadata:
+            self.domain = self._domain_from_metadata()
+
+    def _domain_from_metadata(self):
+        from .domain import DomainCheck
+
+        try:
+            return DomainCheck(self.metadata["domain"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelFileError(f"{self.metadata['path']}: its training-domain statistics (metadata "
+                                 f"'domain') are unusable: {err}") from None
+
+    def _model_name(self) -> str:
+        path = Path(self.metadata["path"])
+        return path.parent.name if path.name == "model.pt" else path.name
+
+    def _check_domain(self, atoms: Atoms, forces: np.ndarray) -> None:
+        """Record why ``atoms`` looks unlike the training data; warn the first time only."""
+        if self.domain is None:
+            return
+        self.domain_warnings = self.domain.reasons(atoms.numbers, atoms.positions, atoms.cell.array,
+                                                   atoms.pbc, forces)
+        if self.domain_warnings and not self._domain_warned:
+            from .domain import OutOfDomainWarning
+
+            self._domain_warned = True
+            more = len(self.domain_warnings) - 1
+            warnings.warn(
+                f"{atoms.get_chemical_formula()} is unlike the training data of {self._model_name()}: "
+                f"{self.domain_warnings[0]}{f' (and {more} more)' if more else ''}; its predictions "
+                "there are unreliable. calc.domain_warnings lists the reasons for the latest structure; "
+                "this warning is shown once per calculator",
+                OutOfDomainWarning, stacklevel=4,
+            )
+
+    def out_of_domain(self, atoms: Atoms) -> List[str]:
+        """Why ``atoms`` is unlike this model's training data (mfcalc.domain), one sentence per
+        reason; an empty list when nothing is found. Computes the forces (they are one test).
+        ModelFileError if the model file carries no training-domain statistics."""
+        check = self.domain
+        if check is None:
+            if "domain" not in self.metadata:
+                raise ModelFileError(
+                    f"{self.metadata['path']} has no training-domain statistics (metadata 'domain'); "
+                    "add them with python models/add_domain_stats.py MODEL --recipe RECIPE --write"
+                )
+            check = self._domain_from_metadata()
+        forces = self.get_forces(atoms)
+        return check.reasons(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc, forces)
+
+    # ------------------------------------------------------------------ processes
+    def _checksums(self) -> Dict[str, Any]:
+        return {key: value for key, value in self.metadata.items() if "checksum" in key}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Constructor arguments (model by absolute path) and the file's checksum(s); the module
+        itself (TorchScript or compiled) is reloaded by the copy, not pickled."""
+        init = dict(self._init_args, fidelity=self.fidelity, dtype=str(self.dtype).replace("torch.", ""))
+        return {"init": init, "checksums": self._checksums(), "atoms": self.atoms,
+                "results": dict(self.results)}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(**state["init"])
+        if self._checksums() != state["checksums"]:
+            raise ModelFileError(
+                f"{state['init']['model']} changed since this calculator was pickled (checksum "
+                f"{str(state['checksums'].get('checksum'))[:12]}... then, "
+                f"{str(self._checksums().get('checksum'))[:12]}... now): the copy would predict with "
+                "other weights; make the calculator again from the file as it is now"
+            )
+        self.atoms, self.results = state["atoms"], state["results"]
 
     # ------------------------------------------------------------------ many structures at once
+    @_locked
     def batch(self, structures, max_atoms: int = 20000) -> List[Dict[str, Any]]:
         """Energy, forces (and stress if periodic) of many structures at this calculator's
         fidelity, in flat batches of up to ``max_atoms`` atoms per forward pass."""
@@ -294,6 +643,7 @@ class MFCalculator(Calculator):
         return predict(self, structures, max_atoms=max_atoms)
 
     # ------------------------------------------------------------------ every fidelity at once
+    @_locked
     def predict_all_fidelities(self, atoms: Atoms) -> Dict[str, Any]:
         """Energy and forces at every fidelity from one batched pass, and their spread.
 
@@ -301,9 +651,10 @@ class MFCalculator(Calculator):
         ``forces`` (F, N, 3), ``relative_energy`` (F,) energies minus each fidelity's
         element reference energies (comparable across methods), ``energy_spread`` (std of
         ``relative_energy``, eV) and ``forces_spread`` (N,) RMS over components of the std
-        of the forces across fidelities, eV/Å: a cheap disagreement signal.
+        of the forces across fidelities, eV/Å: a cheap disagreement signal. The structure is
+        checked as in ``calculate`` (``check_structure``).
         """
-        self._check_structure(atoms)
+        self.check_structure(atoms)
         n_fid, n_atoms = len(self.fidelities), len(atoms)
         positions = torch.from_numpy(atoms.positions - atoms.positions[0]).to(self.device, self.dtype)
         edge_index, shifts = self.module.neighbor_list(
@@ -324,8 +675,11 @@ class MFCalculator(Calculator):
                 True,
                 False,
             )
+        if "min_distance" in out:
+            warn_if_close(float(out["min_distance"]))
         energy = out["energy"].detach().cpu().numpy().astype(np.float64)
         forces = out["forces"].detach().cpu().numpy().astype(np.float64).reshape(n_fid, n_atoms, 3)
+        check_finite_results(energy, forces, atoms)
         species = self.module.species_of_z[self._numbers]
         reference = self.module.model.e0[:, species].sum(dim=1).detach().cpu().numpy()
         relative = energy - reference.astype(np.float64)

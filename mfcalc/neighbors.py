@@ -29,6 +29,10 @@ BACKENDS = ("auto", "dense", "vesin", "torch-cluster")
 # On CUDA the dense search stays cheaper longer (not re-measured; kept from mfcalc 0.3).
 DENSE_MAX_ATOMS_CPU = 24
 DENSE_MAX_ATOMS_CUDA = 1024
+# Periodic images of the cell one search may need (check_periodic_images). A cell of height h
+# needs 2 * ceil(cutoff / h) + 1 images per periodic direction: real cells (heights >= ~1 Å) stay
+# below 11^3 = 1331 at a 5 Å cutoff; 10 000 allows heights down to a tenth of the cutoff.
+MAX_PERIODIC_IMAGES = 10000
 
 
 def complete_cell(cell: Tensor, pbc: Tensor) -> Tensor:
@@ -65,13 +69,63 @@ def complete_cell(cell: Tensor, pbc: Tensor) -> Tensor:
     return out
 
 
-def _shift_range(cell: Tensor, pbc: Tensor, cutoff: float) -> Tensor:
-    """All integer shifts that can bring an image within ``cutoff`` of an atom in the cell."""
-    inv = torch.linalg.inv(cell)
-    # the height of the cell along direction d is 1 / |column d of inv(cell)|
+def image_reach(cell: Tensor, pbc: Tensor, cutoff: float) -> List[int]:
+    """How many cell lengths the cutoff reaches along each direction (0 where not periodic).
+
+    ``cell`` must be complete (invertible; see ``complete_cell``). The height of the cell along
+    direction d is 1 / |column d of inv(cell)|; the search needs ``ceil(cutoff / height)``
+    images on each side.
+    """
+    inv = torch.linalg.inv(cell.detach())
     reach = torch.ceil(cutoff * torch.linalg.vector_norm(inv, dim=0)) * pbc.to(cell.dtype)
     reach_list: List[float] = reach.tolist()
-    n: List[int] = [int(x) for x in reach_list]
+    return [int(x) for x in reach_list]
+
+
+def _short(x: float) -> str:
+    """``x`` rounded to 3 decimals, as text (the same in Python and TorchScript)."""
+    text = str(int(x * 1000.0 + 0.5) / 1000.0)
+    return text + "0" if text.endswith(".") else text
+
+
+def check_periodic_images(
+    cell: Tensor, pbc: Tensor, cutoff: float, limit: int = MAX_PERIODIC_IMAGES
+) -> int:
+    """The number of periodic images of the cell a neighbor search within ``cutoff`` needs;
+    ValueError (with that number and the limit) above ``limit``, before anything is allocated.
+
+    A cell far smaller than the cutoff needs (2k+1)^3 images and a pair list, and the model
+    messages over it, that grow as fast: 1 H in a 0.11 Å cube with a 4 Å cutoff needs 421 875
+    images and never finishes. ``cell`` must be complete (see ``complete_cell``).
+    """
+    reach = image_reach(cell, pbc, cutoff)
+    n_images = 1
+    for k in reach:
+        n_images *= 2 * k + 1
+    if n_images > limit:
+        inv = torch.linalg.inv(cell.detach())
+        heights: List[float] = (1.0 / torch.linalg.vector_norm(inv, dim=0)).tolist()
+        shown: List[str] = []
+        per_direction: List[str] = []
+        for d in range(3):
+            if bool(pbc[d]):
+                shown.append(_short(heights[d]))
+                per_direction.append(str(2 * reach[d] + 1))
+        raise ValueError(
+            "the periodic cell is too small for the " + _short(cutoff) + " Å cutoff: its heights are "
+            + ", ".join(shown) + " Å, so every atom would need " + str(n_images)
+            + " periodic images (" + " x ".join(per_direction)
+            + "), more than the limit of " + str(limit) + "; check the cell's units (Å, not nm or"
+            " Bohr) and size; a skewed cell of a sensible lattice can be reduced first"
+            " (ase.build.niggli_reduce(atoms))"
+        )
+    return n_images
+
+
+def _shift_range(cell: Tensor, pbc: Tensor, cutoff: float) -> Tensor:
+    """All integer shifts that can bring an image within ``cutoff`` of an atom in the cell."""
+    check_periodic_images(cell, pbc, cutoff)
+    n = image_reach(cell, pbc, cutoff)
     ranges = [torch.arange(-k, k + 1, dtype=cell.dtype, device=cell.device) for k in n]
     grid = torch.meshgrid(ranges[0], ranges[1], ranges[2], indexing="ij")
     return torch.stack([g.reshape(-1) for g in grid], dim=1)
@@ -131,7 +185,10 @@ def vesin_neighbor_list(
     positions: Tensor, cell: Tensor, pbc: Tensor, cutoff: float
 ) -> Tuple[Tensor, Tensor]:
     """Cell-list search with vesin (compiled; CPU and CUDA)."""
-    box = complete_cell(cell.detach(), pbc) if bool(pbc.any()) else cell.detach()
+    box = cell.detach()
+    if bool(pbc.any()):
+        box = complete_cell(box, pbc)
+        check_periodic_images(box, pbc, cutoff)
     nl = torch.classes.vesin._NeighborList(cutoff, True, False, "auto", 0.0, 0)
     results = nl.compute(
         positions.detach().to(torch.float64), box.to(torch.float64), pbc, "ijS", True

@@ -15,7 +15,9 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from .calculator import MFCalculator, script_execution
+from .calculator import (
+    MFCalculator, check_finite_results, closest_pair, script_execution, stress_defined, warn_if_close,
+)
 from .compiled import DENSE_GRAPH_MAX_ATOMS
 from .neighbors import pick_backend
 
@@ -52,47 +54,73 @@ def predict(
     model: Union[str, Path, MFCalculator], structures: Sequence[Atoms], fidelity: Optional[str] = None,
     device: str = "auto", dtype: Optional[str] = None, max_atoms: int = 20000,
 ) -> List[Dict[str, np.ndarray]]:
-    """Energies, forces (and stress for periodic ones) of many structures, in batches of up to
-    ``max_atoms`` atoms per forward pass. Returns one dict per structure."""
+    """Energies, forces (and stress for periodic ones whose cell has a volume, see
+    ``MFCalculator``) of many structures, in batches of up to ``max_atoms`` atoms per forward
+    pass. Returns one dict per structure. Every structure is checked as ``MFCalculator`` checks
+    one (``check_structure``), and a non-finite result raises FloatingPointError naming it."""
     calc = _as_calculator(model, fidelity, device, dtype)
+    structures = list(structures)
+    for index, atoms in enumerate(structures):  # all of them before any work
+        try:
+            calc.check_structure(atoms)
+        except ValueError as err:
+            raise ValueError(f"structure {index}: {err}") from None
     results: List[Dict[str, np.ndarray]] = []
     chunk: List[Atoms] = []
-    for atoms in list(structures) + [None]:
-        if atoms is not None and (not chunk or sum(map(len, chunk)) + len(atoms) <= max_atoms):
-            chunk.append(atoms)
-            continue
-        results.extend(_predict_chunk(calc, chunk))
-        chunk = [atoms] if atoms is not None else []
+    with calc._lock:  # the calculator's per-structure state is used below
+        for atoms in structures + [None]:
+            if atoms is not None and (not chunk or sum(map(len, chunk)) + len(atoms) <= max_atoms):
+                chunk.append(atoms)
+                continue
+            results.extend(_predict_chunk(calc, chunk, first=len(results)))
+            chunk = [atoms] if atoms is not None else []
     return results
 
 
-def _predict_chunk(calc: MFCalculator, structures: List[Atoms]) -> List[Dict[str, np.ndarray]]:
+def _shortest_pairs(positions: torch.Tensor, cells: torch.Tensor, edge_index: torch.Tensor, shifts: torch.Tensor,
+                    batch: torch.Tensor, n_structures: int) -> np.ndarray:
+    """The shortest pair distance of every structure of a flat batch (inf without pairs)."""
+    i, j = edge_index[0], edge_index[1]
+    vectors = positions[j] - positions[i] + torch.bmm(shifts.unsqueeze(1), cells[batch[i]]).squeeze(1)
+    shortest = torch.full((n_structures,), float("inf"), dtype=positions.dtype, device=positions.device)
+    shortest = shortest.scatter_reduce(0, batch[i], vectors.norm(dim=1), reduce="amin")
+    return shortest.cpu().numpy().astype(np.float64)
+
+
+def _predict_chunk(calc: MFCalculator, structures: List[Atoms], first: int = 0) -> List[Dict[str, np.ndarray]]:
+    """One forward pass over ``structures`` (already checked), numbered from ``first``."""
     for atoms in structures:
-        calc._check_structure(atoms)
+        calc._check_structure(atoms)  # cached: the structure's tensors for the neighbor search
     counts = [len(a) for a in structures]
     positions = torch.tensor(
         np.concatenate([a.positions - a.positions[0] for a in structures]), dtype=calc.dtype, device=calc.device
     )
     edge_index, shifts = batch_pairs(calc, positions, structures)
-    periodic = any(a.pbc.any() for a in structures)
+    with_stress = [stress_defined(a) for a in structures]
+    periodic = any(with_stress)
     n_structures = len(structures)
+    cells = torch.tensor(np.stack([a.cell.array for a in structures]), dtype=calc.dtype, device=calc.device)
+    batch = torch.repeat_interleave(torch.arange(n_structures, device=calc.device),
+                                    torch.tensor(counts, device=calc.device))
     with script_execution(calc.module):
         out = calc.module.forward(
             positions,
             torch.tensor(np.concatenate([a.numbers for a in structures]), device=calc.device),
-            torch.tensor(np.stack([a.cell.array for a in structures]), dtype=calc.dtype, device=calc.device),
+            cells,
             edge_index, shifts,
             torch.full((n_structures,), calc._fidelity_index, device=calc.device),
-            torch.repeat_interleave(torch.arange(n_structures, device=calc.device),
-                                    torch.tensor(counts, device=calc.device)),
+            batch,
             True, periodic,
         )
     energy = out["energy"].cpu().numpy().astype(np.float64)
     forces = np.split(out["forces"].cpu().numpy().astype(np.float64), np.cumsum(counts)[:-1])
+    shortest = _shortest_pairs(positions, cells, edge_index, shifts, batch, n_structures)
     results = []
     for k, atoms in enumerate(structures):
+        warn_if_close(shortest[k], f" in structure {first + k}")
+        check_finite_results(energy[k], forces[k], atoms, f" for structure {first + k}")
         r = {"energy": float(energy[k]), "forces": forces[k]}
-        if atoms.pbc.any():
+        if with_stress[k]:
             r["stress"] = full_3x3_to_voigt_6_stress(out["stress"][k].cpu().numpy().astype(np.float64))
         results.append(r)
     return results
@@ -119,8 +147,12 @@ class ReplicaMD:
         sizes = {len(a) for a in replicas}
         if len(sizes) != 1:
             raise ValueError(f"replicas must have the same number of atoms, got sizes {sorted(sizes)}")
-        for atoms in replicas:
-            self.calc._check_structure(atoms)
+        with self.calc._lock:
+            for k, atoms in enumerate(replicas):
+                try:
+                    self.calc.check_structure(atoms)
+                except ValueError as err:
+                    raise ValueError(f"replica {k}: {err}") from None
         dev, dt = self.calc.device, self.calc.dtype
         self.n_replicas, self.n_atoms = len(replicas), sizes.pop()
         self.symbols = [a.get_chemical_symbols() for a in replicas]
@@ -146,6 +178,21 @@ class ReplicaMD:
         self._dense = self._compiled and n <= DENSE_GRAPH_MAX_ATOMS  # dense fused graph, no pair search
         self.nsteps = 0
         self.energy, self.forces = self._forces()
+        self._check_finite("at the start")
+
+    def _check_finite(self, when: str) -> None:
+        """FloatingPointError naming the replicas whose energy or forces are NaN/inf (a run that
+        exploded, or atoms on top of each other), before the integrator uses them."""
+        finite = torch.isfinite(self.forces).flatten(1).all(dim=1) & torch.isfinite(self.energy)
+        if bool(finite.all()):
+            return
+        bad = (~finite).nonzero().flatten().tolist()
+        shortest = closest_pair(self.atoms(bad[0]))[0]
+        raise FloatingPointError(
+            f"replica(s) {bad[:10]} got non-finite energy or forces {when} (replica {bad[0]}: "
+            f"smallest distance {shortest:.3g} Å): the run exploded or two atoms coincide; try a smaller "
+            "timestep or a lower temperature (trajectory frames written so far are kept)"
+        )
 
     def _pairs(self) -> List[torch.Tensor]:
         """All-pairs search inside every replica at once: (R, N, N) distances -> flat pairs."""
@@ -191,6 +238,7 @@ class ReplicaMD:
         else:
             self.positions += dt * self.velocities
         self.energy, self.forces = self._forces()
+        self._check_finite(f"in step {self.nsteps + 1}")
         self.velocities += 0.5 * dt * self.forces / self.masses
         self.nsteps += 1
 
