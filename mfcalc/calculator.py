@@ -17,6 +17,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from .modelfile import DEFAULT_MODEL, ModelFileError, load_model
 from .neighbors import BACKENDS, check_periodic_images, complete_cell
+from .threads import ThreadPolicy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOO_CLOSE = 0.1  # Å: closer pairs get a warning
@@ -61,6 +62,15 @@ def script_execution(module):
     if isinstance(module, torch.jit.ScriptModule):
         return torch.jit.optimized_execution(False)
     return contextlib.nullcontext()
+
+
+def force_call(module, policy: ThreadPolicy, n_atoms: int) -> contextlib.ExitStack:
+    """The context of every force call: ``script_execution`` and the thread policy for
+    ``n_atoms`` atoms (both restored on exit)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(script_execution(module))
+    stack.enter_context(policy.limit(n_atoms))
+    return stack
 
 
 def exact_changes(old: Atoms, new: Atoms, ignored: Optional[set] = None) -> List[str]:
@@ -331,6 +341,11 @@ class MFCalculator(Calculator):
         TorchScript file (opt-in: the first call takes tens of seconds to compile, cached on
         disk for later runs; then about twice as fast for small molecules on CPU, see
         benchmarks/md_speed.py).
+    threads: intra-op threads of each force call (mfcalc.threads): ``"auto"`` (default) runs
+        systems of fewer than ``threads.SINGLE_THREAD_BELOW`` atoms on one thread and larger
+        ones on torch's thread count, lowered to the cores other processes leave free, so a busy
+        machine never collapses a run; an integer fixes the count; None leaves torch's setting.
+        The caller's setting is restored after every call.
     allow_unsupported_state: the model has no charge or spin input; by default a structure it
         cannot represent (a charge or spin in ``atoms.info``, non-zero initial charges or
         magnetic moments, an odd-electron molecule) raises ValueError. True turns that into one
@@ -369,12 +384,14 @@ class MFCalculator(Calculator):
         compile: bool = False,
         allow_unsupported_state: bool = False,
         check_domain: bool = True,
+        threads: Union[None, int, str] = "auto",
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         if neighbor_list not in BACKENDS:
             raise ValueError(f"neighbor_list must be one of {BACKENDS}, got {neighbor_list!r}")
         self._lock = threading.RLock()
+        self.thread_policy = ThreadPolicy(threads)
         self.device = _parse_device(device)
         self.module, self.metadata = load_model(model, self.device, _parse_dtype(dtype))
         self.dtype = next(self.module.parameters()).dtype
@@ -396,7 +413,7 @@ class MFCalculator(Calculator):
         self._init_args = {"model": str(Path(self.metadata["path"]).resolve()), "device": str(self.device),
                            "neighbor_list": neighbor_list, "compile": bool(compile),
                            "allow_unsupported_state": self.allow_unsupported_state,
-                           "check_domain": bool(check_domain),
+                           "check_domain": bool(check_domain), "threads": threads,
                            **{k: v for k, v in kwargs.items() if k != "atoms"}}
 
     def _compiled(self, scripted):
@@ -468,7 +485,7 @@ class MFCalculator(Calculator):
         # the model is translation invariant: centring in float64 keeps float32 exact far from
         # the origin (pair lists and shifts do not change under a common translation)
         positions = torch.from_numpy(atoms.positions - atoms.positions[0]).to(self.device, self.dtype)
-        with script_execution(self.module):
+        with force_call(self.module, self.thread_policy, len(positions)):
             out = self.module.compute(
                 positions,
                 self._numbers,
@@ -663,7 +680,7 @@ class MFCalculator(Calculator):
         )
         n_edges = edge_index.shape[1]
         offsets = (torch.arange(n_fid, device=self.device) * n_atoms).repeat_interleave(n_edges)
-        with script_execution(self.module):
+        with force_call(self.module, self.thread_policy, n_fid * n_atoms):
             out = self.module.forward(
                 positions.repeat(n_fid, 1),
                 self._numbers.repeat(n_fid),

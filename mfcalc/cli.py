@@ -263,6 +263,19 @@ def fidelity_error_lines(meta: dict, card: Optional[dict], name: str) -> List[st
     return lines
 
 
+def thread_count(text: str):
+    """--threads: 'auto' or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {text!r}")
+    return value
+
+
 def _cmd_md(args: argparse.Namespace) -> None:
     from .workflows import run_md
 
@@ -270,7 +283,7 @@ def _cmd_md(args: argparse.Namespace) -> None:
         args.structure, model=args.model, fidelity=args.fidelity, temperature=args.temperature,
         steps=args.steps, timestep=args.timestep, out=args.out, seed=args.seed, interval=args.interval,
         dtype=args.dtype, device=args.device, compile=args.compile, overwrite=args.force,
-        check_geometry=not args.no_guard,
+        check_geometry=not args.no_guard, threads=args.threads,
     )
 
 
@@ -286,6 +299,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         read_structure(structure), model=model, fidelity=args.fidelity, n=args.n,
         temperature=args.temperature, steps=args.steps, timestep=args.timestep,
         interval=args.interval, select=args.select, seed=args.seed, dtype=args.dtype, device=args.device,
+        threads=args.threads,
     )
     write(args.out, frames, format="extxyz")
     print(f"wrote {len(frames)} structures ({args.select} from MD at {frames[0].info['sampled_fidelity']}, "
@@ -315,7 +329,8 @@ def _cmd_relax(args: argparse.Namespace) -> None:
 
     _check_structure_output(args.out, args.force)  # before the work, not after it
     atoms = read_structure(args.structure)
-    atoms.calc = MFCalculator(args.model, fidelity=args.fidelity, dtype=args.dtype, device=args.device)
+    atoms.calc = MFCalculator(args.model, fidelity=args.fidelity, dtype=args.dtype, device=args.device,
+                              threads=args.threads)
     rows = []
     for name in args.optimizer:
         trial = atoms.copy()
@@ -341,7 +356,7 @@ def _cmd_vib(args: argparse.Namespace) -> None:
     from .workflows import frequencies_ase, frequencies_phonopy, read_structure, relax
 
     atoms = read_structure(args.structure)
-    calc = MFCalculator(args.model, dtype="float64", device=args.device)
+    calc = MFCalculator(args.model, dtype="float64", device=args.device, threads=args.threads)
     fidelities = args.fidelity or [calc.fidelity]
     for fid in fidelities:  # every name checked before the first (long) computation
         calc.fidelity = fid
@@ -456,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
+    def threads(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--threads", type=thread_count, default="auto",
+                       help="torch threads per force call: 'auto' (default: 1 below 100 atoms, else the "
+                            "free cores) or a number")
+
     def force(p: argparse.ArgumentParser) -> None:
         p.add_argument("--force", action="store_true", help="overwrite an existing output (never a shipped model)")
 
@@ -543,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
+    threads(p)
     p.add_argument("--compile", action="store_true",
                    help="compile the force path (torch.compile): ~30-45 s once, then 2-4x fewer ms per "
                         "step for small molecules on CPU; worth it for runs longer than ~10^4 steps")
@@ -568,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="extxyz (.xyz or .extxyz) for mfcalc label")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
+    threads(p)
     force(p)
     p.set_defaults(func=_cmd_sample)
 
@@ -582,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the relaxed structure here (checked before the relaxation)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--device", default="auto")
+    threads(p)
     force(p)
     p.set_defaults(func=_cmd_relax)
 
@@ -592,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fmax", type=positive_float, default=1e-4)
     p.add_argument("--no-relax", action="store_true")
     p.add_argument("--device", default="auto")
+    threads(p)
     p.set_defaults(func=_cmd_vib)
     return parser
 

@@ -16,7 +16,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from .calculator import (
-    MFCalculator, check_finite_results, closest_pair, script_execution, stress_defined, warn_if_close,
+    MFCalculator, check_finite_results, closest_pair, force_call, script_execution, stress_defined, warn_if_close,
 )
 from .compiled import DENSE_GRAPH_MAX_ATOMS
 from .neighbors import pick_backend
@@ -102,7 +102,7 @@ def _predict_chunk(calc: MFCalculator, structures: List[Atoms], first: int = 0) 
     cells = torch.tensor(np.stack([a.cell.array for a in structures]), dtype=calc.dtype, device=calc.device)
     batch = torch.repeat_interleave(torch.arange(n_structures, device=calc.device),
                                     torch.tensor(counts, device=calc.device))
-    with script_execution(calc.module):
+    with force_call(calc.module, calc.thread_policy, len(positions)):
         out = calc.module.forward(
             positions,
             torch.tensor(np.concatenate([a.numbers for a in structures]), device=calc.device),
@@ -203,6 +203,10 @@ class ReplicaMD:
         return [edge_index, torch.zeros((edge_index.shape[1], 3), dtype=self.positions.dtype, device=self.positions.device)]
 
     def _forces(self):
+        with self.calc.thread_policy.limit(self.n_replicas * self.n_atoms):
+            return self._all_forces()
+
+    def _all_forces(self):
         if self._dense:
             numbers = self.numbers.view(self.n_replicas, self.n_atoms)
             energy, forces = [], []

@@ -67,7 +67,7 @@ def sample(
     structure: Atoms, model: str = DEFAULT_MODEL, fidelity: Optional[str] = None, n: int = 50,
     temperature: float = 500.0, steps: Optional[int] = None, timestep: float = 0.5,
     interval: int = 10, select: str = "fps", friction: float = 0.01, seed: int = 0,
-    dtype: Optional[str] = None, device: str = "auto", log=STDOUT,
+    dtype: Optional[str] = None, device: str = "auto", log=STDOUT, threads="auto",
 ) -> List[Atoms]:
     """Run Langevin MD of ``structure`` with ``model`` at ``fidelity`` and return ``n`` diverse
     frames (copies without a calculator, ready for ``mfcalc label``).
@@ -105,7 +105,7 @@ def sample(
             f"{int(np.ceil(n * interval / 0.9))}"
         )
     atoms = structure.copy()
-    calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device)
+    calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device, threads=threads)
     atoms.calc = calc
     rng = np.random.default_rng(seed)
     thermalize(atoms, temperature, rng)

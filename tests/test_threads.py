@@ -87,3 +87,37 @@ def test_this_processs_own_work_is_not_load():
     # a 2-core share of an 8-core machine where others hold 4 cores: 1 of "our" 2 is free
     assert free_between((0.0, 0.0, 0.0, 8), (1.0, 4.0, 0.0, 8), cores=2) == pytest.approx(1.0)
     assert free_between((0.0, 0.0, 0.0, 2), (1.0, 9.0, 0.0, 2), cores=2) == 0.0
+
+
+class _Recording:
+    """Stands in for the model module: records the thread count inside each force call."""
+
+    def __init__(self, module):
+        self.module, self.seen = module, []
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def compute(self, *args):
+        self.seen.append(torch.get_num_threads())
+        return self.module.compute(*args)
+
+
+@pytest.mark.parametrize("threads, inside", [("auto", 1), (2, 2), (None, 2)])
+def test_the_calculator_runs_its_force_call_under_the_policy(tiny_model, ethanol, two_threads, threads, inside):
+    from mfcalc import MFCalculator
+
+    calc = MFCalculator(tiny_model, device="cpu", threads=threads)
+    calc.module = _Recording(calc.module)
+    ethanol.calc = calc
+    ethanol.get_forces()
+    assert calc.module.seen == [inside]
+    assert torch.get_num_threads() == 2  # the caller's setting, untouched
+
+
+def test_the_cli_takes_threads():
+    from mfcalc.cli import build_parser
+
+    args = build_parser().parse_args(["md", "CH3CH2OH", "--threads", "1"])
+    assert args.threads == 1
+    assert build_parser().parse_args(["md", "CH3CH2OH"]).threads == "auto"
