@@ -38,6 +38,7 @@ from .data import (
     Structure, read_ase_db, read_extxyz, read_frames_npz, read_gdml_npz, read_rmd17_npz, read_transition1x_json,
     split_indices,
 )
+from .domain import domain_statistics
 from .model import default_config
 from .modelfile import build_forcefield, checksum, export_model, save_checkpoint
 from .training import TrainSettings, distributed_rank_world, evaluate, init_distributed, to_graphs, train
@@ -219,6 +220,8 @@ def run_recipe(
             "default_fidelity": card["default_fidelity"],
             "training_data": provenance,
             "test_errors": test_errors,
+            # what MFCalculator's out-of-domain signal compares structures with (mfcalc.domain)
+            "domain": domain_statistics(splits["train"], float(config["cutoff"])),
         },
         dtype=torch.float64,
     )
