@@ -622,7 +622,7 @@ class MFCalculator(Calculator):
             if "domain" not in self.metadata:
                 raise ModelFileError(
                     f"{self.metadata['path']} has no training-domain statistics (metadata 'domain'); "
-                    "add them with python models/add_domain_stats.py MODEL --recipe RECIPE --write"
+                    "add them with python models/tools/add_domain_stats.py MODEL --recipe RECIPE --write"
                 )
             check = self._domain_from_metadata()
         forces = self.get_forces(atoms)

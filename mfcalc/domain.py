@@ -1,7 +1,7 @@
 """A cheap out-of-domain signal: is a structure like the data the model was trained on?
 
 ``domain_statistics(structures, cutoff)`` summarises the training structures in a few tables,
-stored in a model file's metadata under ``"domain"`` (``models/add_domain_stats.py`` adds them to
+stored in a model file's metadata under ``"domain"`` (``models/tools/add_domain_stats.py`` adds them to
 an exported file without touching its weights):
 
 - ``pair_min_distance``: for every element pair that came within the cutoff in any training
@@ -177,7 +177,7 @@ class DomainCheck:
         missing = [key for key in ("cutoff", "pair_min_distance", "max_force") if key not in stats]
         if missing:
             raise ValueError(f"training-domain statistics lack {missing}; make them with "
-                             "mfcalc.domain.domain_statistics (models/add_domain_stats.py)")
+                             "mfcalc.domain.domain_statistics (models/tools/add_domain_stats.py)")
         if int(stats.get("format", 0)) > DOMAIN_FORMAT:
             raise ValueError(f"domain statistics in format {stats.get('format')}; this mfcalc reads "
                              f"format {DOMAIN_FORMAT} and older (upgrade mfcalc)")

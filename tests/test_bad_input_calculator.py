@@ -584,7 +584,7 @@ def test_c35_domain_check_names_each_kind_of_departure(tiny_model):
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("add_domain_stats", ROOT / "models" / "add_domain_stats.py")
+    spec = importlib.util.spec_from_file_location("add_domain_stats", ROOT / "models" / "tools" / "add_domain_stats.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -646,7 +646,7 @@ def test_c39_out_of_domain_asks_explicitly_and_says_when_a_model_cannot_tell(dom
         energy(quiet, molecule("H2O2"))
     assert quiet.out_of_domain(molecule("CH3CH2OH")) == []
     assert len(quiet.out_of_domain(molecule("H2O2"))) == 2
-    with pytest.raises(ModelFileError, match=r"has no training-domain statistics.*models/add_domain_stats.py"):
+    with pytest.raises(ModelFileError, match=r"has no training-domain statistics.*models/tools/add_domain_stats.py"):
         MFCalculator(tiny_model, device="cpu").out_of_domain(molecule("H2O"))
 
 

@@ -1,7 +1,7 @@
 """Add training-domain statistics (mfcalc.domain) to an exported model file, weights untouched.
 
-    python models/add_domain_stats.py ethanol-mf --recipe recipes/ethanol-mf.yaml          # prints them
-    python models/add_domain_stats.py ethanol-mf --recipe recipes/ethanol-mf.yaml --write  # and writes
+    python models/tools/add_domain_stats.py ethanol-mf --recipe recipes/ethanol-mf.yaml          # prints them
+    python models/tools/add_domain_stats.py ethanol-mf --recipe recipes/ethanol-mf.yaml --write  # and writes
 
 The statistics (per element pair the shortest distance within the cutoff, per element the
 largest force) are computed on the recipe's training split, loaded with mfcalc.recipe exactly as
