@@ -26,10 +26,12 @@ trailing-axis arithmetic that is the same in both layouts.
 
 Short range (``core_radius_factor`` > 0): no training set holds atoms much closer than ~0.7 of
 the sum of their covalent radii, and an unconstrained network is wild there (chno-mf: H2 at
-0.1 Å at -4e12 eV). Below ``core_radius_factor`` x (R_i + R_j) the learned part sees the pair
-distance smoothly clamped (it saturates instead of extrapolating), and a ZBL screened-nuclear
-repulsion is switched in below ``core_switch_factor`` x (R_i + R_j), so the energy rises
-monotonically as any two atoms are pushed together. Above that radius nothing changes.
+0.1 Å at -4e12 eV). Below ``core_radius_factor`` (0.6) x (R_i + R_j) the learned part sees the
+pair distance smoothly clamped (it saturates instead of extrapolating), and a ZBL
+screened-nuclear repulsion is switched in below ``core_switch_factor`` (0.65) x (R_i + R_j), fully
+on below ``core_inner_factor`` (0.45) x (R_i + R_j), so the energy rises monotonically as any two
+atoms are pushed inside 0.6 x (R_i + R_j) (every real bond is longer). Above 0.65 x (R_i + R_j)
+nothing changes.
 
 The code avoids data-dependent Python control flow so that it scripts (TorchScript) and exports
 (torch.export).
@@ -64,10 +66,14 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
         "radial_mlp": 0,
         # 1: scalars and vectors (PaiNN); 2: also symmetric traceless rank-2 tensors
         "max_l": 1,
-        # learned part clamped below this x (sum of covalent radii); 0 switches the core off
-        "core_radius_factor": 0.45,
-        # ZBL repulsion switched in below this x (sum of covalent radii)
-        "core_switch_factor": 0.6,
+        # learned part's pair distance clamped below this x (sum of covalent radii); 0: no core
+        "core_radius_factor": 0.6,
+        # ZBL repulsion: zero above core_switch_factor x (sum of covalent radii), full below
+        # core_inner_factor x (sum of covalent radii), smooth in between
+        "core_switch_factor": 0.65,
+        "core_inner_factor": 0.45,
+        # width of the clamp, as a fraction of its radius
+        "core_clamp_width": 0.1,
     }
     unknown = set(overrides) - set(config)
     if unknown:
@@ -86,7 +92,7 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
 
 # Model files written before an option existed read it with the behaviour they were trained with.
 LEGACY_DEFAULTS = {"filter_envelope": False, "radial_mlp": 0, "max_l": 1, "core_radius_factor": 0.0,
-                   "core_switch_factor": 0.0}
+                   "core_switch_factor": 0.0, "core_inner_factor": 0.0, "core_clamp_width": 0.1}
 
 
 class Pairs(NamedTuple):
@@ -279,6 +285,8 @@ class MultiFidelityPaiNN(nn.Module):
         self.cutoff = float(config["cutoff"])
         self.core_radius_factor = float(config["core_radius_factor"])
         self.core_switch_factor = float(config["core_switch_factor"])
+        self.core_inner_factor = float(config["core_inner_factor"])
+        self.core_clamp_width = float(config["core_clamp_width"])
         self.use_core = self.core_radius_factor > 0.0
 
         self.species_embedding = nn.Embedding(n_elements, f)
@@ -347,7 +355,7 @@ class MultiFidelityPaiNN(nn.Module):
         core = torch.zeros_like(r)
         if self.use_core:
             core = self.covalent_radius[species_i] + self.covalent_radius[species_j]
-            r_learned = self._clamped(r, self.core_radius_factor * core)
+            r_learned = self._clamped(r, self.core_radius_factor * core, self.core_clamp_width)
         else:
             r_learned = r
         basis, envelope = self.radial(r_learned)
@@ -378,17 +386,17 @@ class MultiFidelityPaiNN(nn.Module):
         return energies
 
     @staticmethod
-    def _clamped(r: Tensor, r_core: Tensor) -> Tensor:
-        """r above r_core; below it, r_core - w tanh((r_core - r) / w) with w = r_core / 4: equal
-        value, slope and curvature at r_core, and never below 3/4 r_core."""
-        width = 0.25 * r_core
+    def _clamped(r: Tensor, r_core: Tensor, fraction: float) -> Tensor:
+        """r above r_core; below it, r_core - w tanh((r_core - r) / w) with w = fraction x r_core:
+        equal value, slope and curvature at r_core, and never below (1 - fraction) r_core."""
+        width = fraction * r_core
         inner = r_core - width * torch.tanh((r_core - r) / width)
         return torch.where(r < r_core, inner, r)
 
     def _core_repulsion(self, r: Tensor, core: Tensor, species_i: Tensor, species_j: Tensor,
                         pairs: Pairs) -> Tensor:
         """Half of each pair's switched ZBL energy (each atom of the pair gets half)."""
-        inner = self.core_radius_factor * core
+        inner = self.core_inner_factor * core
         outer = self.core_switch_factor * core
         switch = 1.0 - smooth_step((r - inner) / (outer - inner))
         zi = self.atomic_number[species_i].to(r.dtype)

@@ -9,7 +9,7 @@ Before anything is written it checks, on the recipe's validation and test splits
 training structure, that every pair distance lies beyond the core (so the core cannot change a
 prediction the model was trained or tested on), that energies and forces are unchanged to
 1e-9 eV, and that every element pair at every fidelity is repulsive and monotonic from 0.05 Å up
-to the shortest distance seen in training. Then model.pt (same metadata, plus ``domain``) and
+to the clamp radius, 0.6 x the sum of covalent radii (inside every real bond length). Then model.pt (same metadata, plus ``domain``) and
 checkpoint.pt (same weights, config with the core) are rewritten.
 """
 
@@ -30,7 +30,8 @@ from mfcalc.recipe import load_datasets, read_recipe
 from mfcalc.training import evaluate, to_graphs
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-CORE = {key: default_config([1], ["x"])[key] for key in ("core_radius_factor", "core_switch_factor")}
+CORE = {key: default_config([1], ["x"])[key] for key in
+        ("core_radius_factor", "core_switch_factor", "core_inner_factor", "core_clamp_width")}
 
 
 def shortest_ratio(structures) -> float:
@@ -46,11 +47,13 @@ def shortest_ratio(structures) -> float:
 
 
 def dimer_scan(forcefield, domain) -> list:
-    """Problems found scanning every element pair at every fidelity (empty when all is well)."""
+    """Problems found scanning every element pair at every fidelity from 0.05 Å to where the
+    core ends (0.6 x the sum of covalent radii: every real dimer is repulsive there; bonds are
+    longer). Empty when all is well."""
     problems = []
     zero_cell, no_pbc = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.bool)
     for z1, z2 in itertools.combinations_with_replacement(forcefield.elements, 2):
-        upto = domain["pair_min_distance"].get(f"{z1}-{z2}", 0.7 * (covalent_radii[z1] + covalent_radii[z2]))
+        upto = CORE["core_radius_factor"] * (covalent_radii[z1] + covalent_radii[z2])
         distances = np.linspace(0.05, upto, 80)
         for f, name in enumerate(forcefield.fidelities):
             energies = []
