@@ -3,15 +3,28 @@
 An exported file is a TorchScript archive of ``ForceField`` (neighbor list -> model -> forces and
 stress, every fidelity) with a JSON metadata record stored beside the code (``mfcalc.json``):
 format version, fidelity names and aliases, elements, cutoff, units, dtype, mfcalc version,
-training-data provenance, test errors, and a SHA-256 checksum of every parameter and buffer.
-Loading checks the format version and the checksum before the model is used.
+training-data provenance, test errors, a SHA-256 checksum of every parameter and buffer, and
+(since whole-file verification) a SHA-256 of every other entry of the archive (``entry_sha256``:
+the TorchScript code, the pickled module with its constants, the tensors, the version records;
+not ``.data/serialization_id``, which torch derives from the metadata's CRC) and of every
+metadata field (``metadata_sha256``).
+
+Loading checks, in this order, before the model is used: the format version; the weights'
+checksum; that the metadata's fidelities, elements and cutoff are the module's own; every archive
+entry (reading it also checks its zip CRC-32) against ``entry_sha256``, naming an entry that
+differs, is missing or was added; and every metadata field against ``metadata_sha256``. A file
+exported before whole-file verification (no ``entry_sha256``) still loads after the weights and
+consistency checks, with a one-time ``ModelFileWarning`` saying how to re-export it.
 """
 
 import hashlib
 import json
 import os
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -38,8 +51,20 @@ MODELS_DIR = _shipped_models_dir()
 DEFAULT_MODEL = "chno-mf"  # what MFCalculator() and the command line load without a model name
 
 
+ENTRY_HASHES = "entry_sha256"  # metadata key: {archive entry name: SHA-256 of its bytes}
+METADATA_HASHES = "metadata_sha256"  # metadata key: {metadata field: SHA-256 of its JSON}
+_HASH_KEYS = (ENTRY_HASHES, METADATA_HASHES)
+_UNHASHED_ENTRIES = (f"extra/{METADATA_NAME}", ".data/serialization_id")  # both depend on the metadata
+_REEXPORT_HINT = "re-export it from its checkpoint with `mfcalc export CHECKPOINT -o model.pt`"
+_warned_unverified = set()  # paths already warned about in this process
+
+
 class ModelFileError(RuntimeError):
     """A model file that cannot be used: missing, unreadable, corrupted or too new."""
+
+
+class ModelFileWarning(UserWarning):
+    """A model file that loads but cannot be verified in full."""
 
 
 def checksum(module: torch.nn.Module) -> str:
@@ -122,11 +147,74 @@ def export_model(
         checksum=checksum(forcefield),
     )
     _check_aliases(meta)
+    for key in _HASH_KEYS:
+        meta.pop(key, None)  # a base model's hashes (fine-tuning) describe another file
     scripted = torch.jit.script(forcefield)
     tmp = Path(str(path) + ".tmp")
-    torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(meta, indent=1)})
+    _save(scripted, tmp, meta)  # the entries do not depend on the metadata: hash them, then
+    meta[ENTRY_HASHES] = entry_hashes(tmp)  # save again with the hashes inside
+    meta[METADATA_HASHES] = metadata_hashes(meta)
+    _save(scripted, tmp, meta)
+    if entry_hashes(tmp) != meta[ENTRY_HASHES]:
+        tmp.unlink()
+        raise RuntimeError(
+            f"torch {torch.__version__} wrote different archive entries when saving the same module "
+            f"twice, so {path} cannot carry whole-file hashes; nothing was written"
+        )
     os.replace(tmp, path)
     return meta
+
+
+def _save(scripted: torch.jit.ScriptModule, path: Path, meta: Dict[str, Any]) -> None:
+    torch.jit.save(scripted, str(path), _extra_files={METADATA_NAME: json.dumps(meta, indent=1)})
+
+
+def _entry_name(name: str) -> str:
+    """An archive entry's name without torch's top-level folder (named after the file it was
+    first saved as), so that a renamed file still verifies."""
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def entry_hashes(path: Union[str, Path]) -> Dict[str, str]:
+    """SHA-256 of the bytes of every entry of a model archive, by entry name, except the two that
+    depend on the metadata: the metadata itself and ``.data/serialization_id`` (torch derives it
+    from the CRC-32 of every record written, the metadata included).
+
+    Reading an entry (those two as well) checks its zip CRC-32. Raises ModelFileError naming an
+    entry that cannot be read or appears twice."""
+    hashes: Dict[str, str] = {}
+    seen = set()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = _entry_name(info.filename)
+                if name in seen:
+                    raise ModelFileError(f"{path}: archive entry {name!r} appears twice; the file was edited")
+                seen.add(name)
+                digest = _hash_entry(archive, info, path)
+                if name not in _UNHASHED_ENTRIES:
+                    hashes[name] = digest
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ModelFileError(f"{path} is not a readable zip archive (truncated or corrupted?): {err}") from None
+    return hashes
+
+
+def _hash_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Union[str, Path]) -> str:
+    try:
+        return hashlib.sha256(archive.read(info)).hexdigest()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+        raise ModelFileError(
+            f"{path}: archive entry {_entry_name(info.filename)!r} is corrupted ({err}); "
+            f"the file was damaged or edited"
+        ) from None
+
+
+def metadata_hashes(meta: Dict[str, Any]) -> Dict[str, str]:
+    """SHA-256 of the JSON of every metadata field except the hashes themselves (as it reads
+    back from the file: the JSON round trip first, so tuples and int keys compare alike)."""
+    plain = json.loads(json.dumps({k: v for k, v in meta.items() if k != METADATA_HASHES}))
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+            for key, value in plain.items()}
 
 
 def _check_aliases(meta: Dict[str, Any]) -> None:
@@ -198,15 +286,98 @@ def load_model(
             f"and older. Upgrade mfcalc (pip install -U mfcalc)"
         )
     if verify:
-        found = checksum(module)
-        if found != meta.get("checksum"):
-            raise ModelFileError(
-                f"{path}: checksum mismatch, the weights are not the ones that were exported "
-                f"(expected {str(meta.get('checksum'))[:12]}..., found {found[:12]}...); "
-                f"the file is corrupted or was edited"
-            )
+        verify_model_file(path, module, meta)
     if dtype is None:
         dtype = getattr(torch, meta["dtype"])
     module = module.to(device=device, dtype=dtype)
     meta["path"] = str(path)
     return module, meta
+
+
+# --------------------------------------------------------------------------- verification
+def verify_model_file(path: Union[str, Path], module: torch.jit.ScriptModule, meta: Dict[str, Any]) -> None:
+    """Every check of a loaded model file against its metadata; raises ModelFileError."""
+    _check_weights(path, module, meta)
+    _check_module_matches_metadata(path, module, meta)
+    if ENTRY_HASHES not in meta:
+        _warn_unverified(path)
+        return
+    _check_entries(path, meta[ENTRY_HASHES])
+    _check_metadata_fields(path, meta)
+
+
+def _check_weights(path: Union[str, Path], module: torch.jit.ScriptModule, meta: Dict[str, Any]) -> None:
+    found = checksum(module)
+    if found != meta.get("checksum"):
+        raise ModelFileError(
+            f"{path}: checksum mismatch, the weights are not the ones that were exported "
+            f"(expected {str(meta.get('checksum'))[:12]}..., found {found[:12]}...); "
+            f"the file is corrupted or was edited"
+        )
+
+
+def _module_facts(module: torch.jit.ScriptModule, path: Union[str, Path]) -> Dict[str, Any]:
+    try:
+        return {"fidelities": list(module.fidelities), "elements": [int(z) for z in module.elements],
+                "cutoff": float(module.cutoff)}
+    except AttributeError as err:
+        raise ModelFileError(f"{path}: the TorchScript module is not an mfcalc ForceField ({err})") from None
+
+
+def _check_module_matches_metadata(path: Union[str, Path], module: torch.jit.ScriptModule,
+                                   meta: Dict[str, Any]) -> None:
+    """The fidelities, elements and cutoff the metadata (and its config) state are the module's."""
+    facts = _module_facts(module, path)
+    places = [("metadata", meta), ("metadata config", meta.get("config") or {})]
+    for where, source in places:
+        for key, own in facts.items():
+            if key not in source:
+                continue
+            stated = [int(z) for z in source[key]] if key == "elements" else source[key]
+            stated = float(stated) if key == "cutoff" else stated
+            if stated != own:
+                raise ModelFileError(
+                    f"{path}: the {where} gives {key} {stated} but the module has {own}; the file "
+                    f"was edited after export and its metadata no longer describes its model; {_REEXPORT_HINT}"
+                )
+
+
+def _check_entries(path: Union[str, Path], expected: Dict[str, str]) -> None:
+    found = entry_hashes(path)
+    missing = sorted(set(expected) - set(found))
+    added = sorted(set(found) - set(expected))
+    changed = sorted(name for name in set(found) & set(expected) if found[name] != expected[name])
+    problems = [_first_of(names, what) for names, what in
+                [(changed, "differs from the exported one"), (missing, "is missing"), (added, "was added")] if names]
+    if problems:
+        raise ModelFileError(f"{path}: {'; '.join(problems)}; the file was damaged or edited after export, "
+                             f"{_REEXPORT_HINT} or get the original file again")
+
+
+def _first_of(names: List[str], what: str) -> str:
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"entry {names[0]!r} {what}{more}"
+
+
+def _check_metadata_fields(path: Union[str, Path], meta: Dict[str, Any]) -> None:
+    expected = meta.get(METADATA_HASHES)
+    if not isinstance(expected, dict):
+        raise ModelFileError(f"{path}: the metadata has entry hashes but no {METADATA_HASHES!r}; the file was edited")
+    found = metadata_hashes(meta)
+    for key in sorted(set(expected) | set(found)):
+        if found.get(key) != expected.get(key):
+            state = "missing" if key not in found else "added" if key not in expected else "changed"
+            raise ModelFileError(f"{path}: metadata field {key!r} was {state} after export; "
+                                 f"{_REEXPORT_HINT} or get the original file again")
+
+
+def _warn_unverified(path: Union[str, Path]) -> None:
+    key = str(Path(path).resolve())
+    if key in _warned_unverified:
+        return
+    _warned_unverified.add(key)
+    warnings.warn(
+        f"{path} predates whole-file verification: only its weights, fidelities, elements and cutoff "
+        f"were checked, not its code or other metadata; {_REEXPORT_HINT}",
+        ModelFileWarning, stacklevel=4,
+    )
