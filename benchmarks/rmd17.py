@@ -222,6 +222,7 @@ def main() -> None:
             row["command"] = "python benchmarks/rmd17.py " + " ".join(sys.argv[1:])
             print(f"{molecule} N={n} {tag}: E {row['energy_mae_meV']:.2f} meV, F {row['forces_mae_meV_A']:.1f} meV/Å "
                   f"({row['train_minutes']:.1f} min, {row['epochs']} epochs)", flush=True)
+            rows = json.loads(store.read_text()) if store.exists() else []  # another run may have written
             rows = [r for r in rows if (r["molecule"], r["n_train"], r["tag"]) != (molecule, n, tag)] + [row]
             store.write_text(json.dumps(rows, indent=1))
     write_table(rows, out / "rmd17")

@@ -527,10 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aliases", help='JSON, e.g. \'{"CC": "CCSD(T)/cc-pVDZ"}\'')
     p.add_argument("--val-fraction", type=fraction, default=0.2,
                    help="share of the points held out for validation and early stopping (none below 10 points)")
-    p.add_argument("--epochs", type=positive_int, help="default: from the data size (100 steps per point, 2k-10k)")
+    p.add_argument("--epochs", type=positive_int, help="default: from the data size (250 steps per point, 2.5k-20k)")
     p.add_argument("--steps-per-epoch", type=positive_int, help="default: one pass over the points")
     p.add_argument("--batch-size", type=positive_int, help="default: points/8, between 2 and 16")
-    p.add_argument("--lr", type=positive_float, help="default: 1e-3 full, 2e-3 readout, 5e-3 embedding")
+    p.add_argument("--lr", type=positive_float, help="default: 2e-3 full, 4e-3 readout, 1e-2 embedding")
     p.add_argument("--patience", type=positive_int, help="default: a quarter of the epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output directory (not a shipped model's)")
