@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def threads(p: argparse.ArgumentParser) -> None:
         p.add_argument("--threads", type=thread_count, default="auto",
-                       help="torch threads per force call: 'auto' (default: 1 below 100 atoms, else the "
+                       help="torch threads per force call: 'auto' (default: 1 below 24 atoms, else the "
                             "free cores) or a number")
 
     def force(p: argparse.ArgumentParser) -> None:

@@ -11,10 +11,10 @@ machine and never collapses.
 call (``with policy.limit(n_atoms): ...``), restoring the caller's setting afterwards, so the
 user's own torch code is untouched:
 
-- ``threads="auto"`` (default): systems of fewer than ``SINGLE_THREAD_BELOW`` atoms get one thread
-  (the measured crossover, see benchmarks/threads.py); larger ones get the caller's thread count,
-  lowered to the number of cores other processes leave free (measured from /proc/stat at most
-  every ``LoadMonitor.interval`` seconds; Linux only, elsewhere the caller's count).
+- ``threads="auto"`` (default): systems of fewer than ``SINGLE_THREAD_BELOW`` (24) atoms get one
+  thread (the measured crossover, see benchmarks/threads.py); larger ones get the caller's thread
+  count, lowered to the number of cores other processes leave free (measured from /proc/stat at
+  most every ``LoadMonitor.interval`` seconds; Linux only, elsewhere the caller's count).
 - ``threads=N``: N threads for every call.
 - ``threads=None``: leave torch's setting as it is (torch's own default: one thread per core).
 """
@@ -26,8 +26,11 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-# atoms below which one thread is as fast as two on a quiet 2-core machine (benchmarks/threads.py)
-SINGLE_THREAD_BELOW = 100
+# atoms below which a force call always runs on one thread: a second thread gains <= 1.12x there
+# on a quiet 2-core machine and costs 3-4x beside busy processes (benchmarks/threads.py: ethanol
+# 2.54 vs 2.42 ms/step quiet, 2.77 vs 9.08 with one busy process; aspirin force call 1.12x;
+# 24-atom periodic water 1.36x)
+SINGLE_THREAD_BELOW = 24
 
 
 def parse_threads(threads: Union[None, int, str]) -> Union[None, int, str]:
@@ -45,8 +48,11 @@ class LoadMonitor:
     """Cores that other processes leave free, from /proc/stat, refreshed at most every
     ``interval`` seconds. This process's own CPU time is not counted as load."""
 
-    def __init__(self, interval: float = 1.0):
+    def __init__(self, interval: float = 1.0, stale: float = 3.0):
+        """``interval``: seconds between /proc/stat reads; ``stale``: after this many seconds
+        without a read, the next one starts a fresh window instead of averaging the old one."""
         self.interval = interval
+        self.stale = stale
         self.cores = os.cpu_count() or 1
         try:
             self.cores = len(os.sched_getaffinity(0))
@@ -82,7 +88,12 @@ class LoadMonitor:
         sample = self._sample()
         if sample is None:
             return float(self.cores)
-        self._free = free_between(self._last, sample, self.cores)
+        if now - self._last[0] > max(self.stale, self.interval):
+            # the last sample is old (no large-system call for a while): its average says little
+            # about now. Start a fresh window and assume every core free until it has passed
+            self._free = float(self.cores)
+        else:
+            self._free = free_between(self._last, sample, self.cores)
         self._last = sample
         return self._free
 

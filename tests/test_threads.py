@@ -121,3 +121,12 @@ def test_the_cli_takes_threads():
     args = build_parser().parse_args(["md", "CH3CH2OH", "--threads", "1"])
     assert args.threads == 1
     assert build_parser().parse_args(["md", "CH3CH2OH"]).threads == "auto"
+
+
+def test_a_stale_window_is_not_trusted():
+    """After a long pause (e.g. a small-system phase that never asks), the next large call must
+    not inherit the average of a window that covered other processes' old load."""
+    monitor = LoadMonitor(interval=0.5, stale=3.0)
+    monitor._free = 0.0
+    monitor._last = (time.monotonic() - 10.0, 0.0, 0.0, monitor._last[3] if monitor._last else 2)
+    assert monitor.free_cores() == monitor.cores
