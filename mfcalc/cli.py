@@ -69,39 +69,21 @@ def _number(text: str, kind, name: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _bounded(kind, ok, description: str, expected: str):
+    """An argparse type: a ``kind`` number for which ``ok(value)`` holds, else 'must be ...'."""
+    def parse(text: str):
+        value = _number(text, kind, expected)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
+        return value
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float, "a positive number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(text, float, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = _number(text, float, "a number in [0, 1)")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+positive_int = _bounded(int, lambda v: v >= 1, "a positive integer", "a positive integer")
+nonnegative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0", "an integer >= 0")
+positive_float = _bounded(float, lambda v: v > 0, "a positive number", "a positive number")
+nonnegative_float = _bounded(float, lambda v: v >= 0, ">= 0", "a number >= 0")
+fraction = _bounded(float, lambda v: 0 <= v < 1, "in [0, 1)", "a number in [0, 1)")
 
 
 # ---------------------------------------------------------------- shared checks
