@@ -353,8 +353,11 @@ class MultiFidelityPaiNN(nn.Module):
                       species_i: Tensor, species_j: Tensor) -> Tensor:
         unit = vectors / r.unsqueeze(-1)
         core = torch.zeros_like(r)
-        if self.use_core:
+        use_core = self.use_core
+        if use_core:
             core = self.covalent_radius[species_i] + self.covalent_radius[species_j]
+            use_core = self._core_reached(r, core)
+        if use_core:
             r_learned = self._clamped(r, self.core_radius_factor * core, self.core_clamp_width)
         else:
             r_learned = r
@@ -381,9 +384,18 @@ class MultiFidelityPaiNN(nn.Module):
             layer += 1
         out = self.readout(torch.cat([s, f], dim=-1)).squeeze(-1)
         energies = out * self.scale + self.e0[fidelity, species]
-        if self.use_core:
+        if use_core:
             energies = accumulate(energies, self._core_repulsion(r, core, species_i, species_j, pairs), pairs)
         return energies
+
+    def _core_reached(self, r: Tensor, core: Tensor) -> bool:
+        """Whether the core terms can differ from zero. Inside a TorchScript file on a CPU they are
+        skipped when no pair is within reach of any core (ordinary MD: ~25 ops and their backward
+        less per call, exactly the same numbers); elsewhere (training, torch.compile, CUDA, where
+        a host sync per step would cost more) they are always computed."""
+        if torch.jit.is_scripting() and not r.is_cuda:
+            return bool((r < self.core_switch_factor * core).any())
+        return True
 
     @staticmethod
     def _clamped(r: Tensor, r_core: Tensor, fraction: float) -> Tensor:

@@ -107,3 +107,24 @@ def test_shipped_models_are_repulsive_at_short_range(name):
         rising = np.diff(energies, axis=0) < 0
         bad = [calc.fidelities[f] for f in range(energies.shape[1]) if not rising[:, f].all()]
         assert not bad, f"{z1}-{z2} not monotonic below {top:.2f} Å at {bad}"
+
+
+@pytest.mark.parametrize("squeeze", [1.0, 0.4])
+def test_the_model_file_skips_the_core_only_when_no_pair_reaches_it(tiny_model, forcefield_factory, squeeze):
+    """The TorchScript file skips the core terms when every pair is beyond them (a CPU shortcut):
+    it must agree with the eager network, which always computes them, with and without close pairs."""
+    from mfcalc import load_model
+
+    scripted, _ = load_model(tiny_model)
+    eager = forcefield_factory().eval()  # the weights of tiny_model (same seed)
+    atoms = molecule("CH3CH2OH")
+    atoms.positions *= squeeze
+    args = (torch.tensor(atoms.positions), torch.tensor(atoms.numbers), torch.zeros(3, 3, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.bool), 2)
+    a, b = scripted.compute(*args), eager.compute(*args)
+    torch.testing.assert_close(a["energy"], b["energy"], atol=1e-9, rtol=0)
+    torch.testing.assert_close(a["forces"], b["forces"], atol=1e-9, rtol=0)
+    radii = torch.tensor(covalent_radii[atoms.numbers])
+    reach = eager.model.core_switch_factor * (radii[:, None] + radii[None])
+    distance = torch.cdist(args[0], args[0]) + 100 * torch.eye(len(atoms))
+    assert bool((distance < reach).any()) == (squeeze < 1.0)  # both branches of the file are taken
