@@ -7,8 +7,9 @@ with N other busy processes, and the size at which a second thread starts to pay
    of 8..192 molecules and of ethanol and aspirin, with 1 and with all threads, quiet host.
 2. Load: Velocity-Verlet ms/step for ethanol and the 576-atom water box with threads="auto" (the
    default), 1 and 2 threads, while 0, 1, 2 other processes spin on the CPU (each a bounded
-   `while time.time() < end` loop, killed at the end). Each cell is timed for a fixed wall time,
-   so a collapsed setting costs seconds, not minutes.
+   `while time.time() < end` loop, killed at the end). The settings are timed in turn in 5
+   rounds of short chunks (median), so a collapsed setting costs seconds, not minutes, and the
+   spinners' scheduling hits every setting alike.
 
 Writes a markdown table to benchmarks/results/<out>.md. Run it with nothing else busy on the host
 (the busy processes are the benchmark's own).
@@ -67,18 +68,33 @@ def force_call_ms(calc, atoms, seconds: float) -> float:
     return 1000 * float(np.median(samples))
 
 
-def md_ms(calc, atoms, seconds: float) -> float:
-    """ms per Velocity-Verlet step over about ``seconds`` of MD (at least 3 steps)."""
-    atoms = atoms.copy()
-    atoms.calc = calc
-    thermalize(atoms, 300, np.random.default_rng(0))
-    dyn = VelocityVerlet(atoms, 0.5 * units.fs)
-    dyn.run(2)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or steps < 3:
-        dyn.run(1)
-        steps += 1
-    return 1000 * (time.perf_counter() - start) / steps
+class MDRun:
+    """Velocity Verlet of one calculator on its own copy of a system, advanced in timed chunks."""
+
+    def __init__(self, calc, atoms):
+        self.atoms = atoms.copy()
+        self.atoms.calc = calc
+        thermalize(self.atoms, 300, np.random.default_rng(0))
+        self.dyn = VelocityVerlet(self.atoms, 0.5 * units.fs)
+        self.dyn.run(2)
+
+    def chunk(self, seconds: float) -> list:
+        """ms per step over about ``seconds`` of MD (at least one step)."""
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds or steps < 1:
+            self.dyn.run(1)
+            steps += 1
+        return [1000 * (time.perf_counter() - start) / steps]
+
+
+def interleaved_md_ms(runs: dict, seconds: float, rounds: int = 5) -> dict:
+    """Median ms/step of each run, the runs timed in turn in ``rounds`` rounds (order effects and
+    the busy processes' scheduling hit every setting alike)."""
+    samples = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            samples[key] += run.chunk(seconds / rounds)
+    return {key: float(np.median(v)) for key, v in samples.items()}
 
 
 def crossover(model: str, seconds: float, max_threads: int) -> list:
@@ -105,7 +121,8 @@ def under_load(model: str, busy_counts, seconds: float, max_threads: int) -> lis
             procs = spinners(busy, seconds * len(settings) * 3 + 30)
             time.sleep(0.5)
             try:
-                times = {label: md_ms(calc, atoms, seconds) for label, calc in calcs.items()}
+                runs = {label: MDRun(calc, atoms) for label, calc in calcs.items()}
+                times = interleaved_md_ms(runs, seconds)
             finally:
                 stop(procs)
             best = min(times.values())
