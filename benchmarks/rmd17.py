@@ -155,7 +155,7 @@ def write_table(rows: list, out: Path) -> None:
         ratio = f"{r['forces_mae_meV_A'] / mace[1]:.2f}" if mace else "-"
         lines.append(
             f"| {r['molecule']} | {r['n_train']} | {r['tag']} | {r['energy_mae_meV']:.2f} / {r['forces_mae_meV_A']:.1f} "
-            f"| {'%.2g / %.2g' % mace if mace else '-'} | {'%.2g / %.2g' % nequip if nequip else '-'} | {ratio} "
+            f"| {f'{mace[0]} / {mace[1]}' if mace else '-'} | {f'{nequip[0]} / {nequip[1]}' if nequip else '-'} | {ratio} "
             f"| {r['train_minutes']:.1f} | {r['epochs']} | {r['parameters']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
