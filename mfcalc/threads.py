@@ -59,7 +59,9 @@ class LoadMonitor:
         except AttributeError:
             pass
         self._last = self._sample()
-        self._free: float = float(self.cores)
+        # until a first window has been measured, assume one free core: a second thread beside
+        # busy processes costs 1.5-5x, one thread on a quiet machine at most ~1.8x, for <= 1 s
+        self._free: float = 1.0 if self._last is not None else float(self.cores)
 
     @staticmethod
     def _sample() -> Optional[tuple]:
@@ -90,8 +92,8 @@ class LoadMonitor:
             return float(self.cores)
         if now - self._last[0] > max(self.stale, self.interval):
             # the last sample is old (no large-system call for a while): its average says little
-            # about now. Start a fresh window and assume every core free until it has passed
-            self._free = float(self.cores)
+            # about now. Start a fresh window, on one core until it has passed
+            self._free = 1.0
         else:
             self._free = free_between(self._last, sample, self.cores)
         self._last = sample

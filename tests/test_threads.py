@@ -129,4 +129,5 @@ def test_a_stale_window_is_not_trusted():
     monitor = LoadMonitor(interval=0.5, stale=3.0)
     monitor._free = 0.0
     monitor._last = (time.monotonic() - 10.0, 0.0, 0.0, monitor._last[3] if monitor._last else 2)
-    assert monitor.free_cores() == monitor.cores
+    assert monitor.free_cores() == 1.0  # one core until a fresh window is measured
+    assert LoadMonitor()._free == 1.0  # and the same before the first window
