@@ -317,13 +317,15 @@ def match_records(hashes: Sequence[str], records: Sequence[Tuple[int, Atoms]], w
 
 # --------------------------------------------------------------------------- workers and signals
 def _work(job):
+    """Label one structure; the time returned is CPU seconds (all threads of the computation),
+    which, unlike wall time, does not grow while the job is paused or waits for a core."""
     index, atoms, method, forces, charge, spin, threads, density_fit = job
-    start = time.perf_counter()
+    start = time.process_time()
     try:
         result = compute(atoms, method, forces, charge, spin, threads, density_fit)
     except Exception as err:  # noqa: BLE001 - reported per structure, the others go on
-        return index, None, f"{type(err).__name__}: {err}", time.perf_counter() - start
-    return index, result, None, time.perf_counter() - start
+        return index, None, f"{type(err).__name__}: {err}", time.process_time() - start
+    return index, result, None, time.process_time() - start
 
 
 def _worker_start(parent: int) -> None:
