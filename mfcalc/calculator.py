@@ -24,6 +24,8 @@ TOO_CLOSE = 0.1  # Å: closer pairs get a warning
 MAX_Z = 118  # atomic numbers 1..118 are elements; ASE's 0 ('X') is a ghost atom
 NEUTRAL_SINGLET = ((0, 1),)  # (charge, multiplicity) states of a model whose metadata names none
 CHARGE_KEYS = ("charge", "total_charge")  # atoms.info keys ASE, fairchem and MACE users set
+SPIN_KEYS = ("multiplicity", "spin")
+DOMAIN_CHECK_EVERY = 100  # force calls between out-of-domain checks of an unchanged system
 # the per-atom arrays whose change invalidates results (ASE's all_changes less cell and pbc)
 ARRAY_CHANGES = [name for name in all_changes if name not in ("cell", "pbc")]
 
@@ -174,10 +176,10 @@ def _multiplicity(atoms: Atoms, electrons: Optional[int]) -> Tuple[Optional[str]
     2S+1 to fairchem (1: singlet); for a molecule exactly one reading fits the electron count,
     and that one is taken. For a periodic cell 0 reads as a singlet and other values as 2S+1.
     """
-    key, value = _info_number(atoms, ("multiplicity",))
+    key, value = _info_number(atoms, SPIN_KEYS[:1])
     if key is not None:
         return key, value, "multiplicity 2S+1"
-    key, value = _info_number(atoms, ("spin",))
+    key, value = _info_number(atoms, SPIN_KEYS[1:])
     if key is None:
         return None, None, ""
     if value != int(value):
@@ -353,8 +355,9 @@ class MFCalculator(Calculator):
         The states a model was trained on come from its metadata ``charge_states`` (a list of
         [charge, multiplicity]); absent, neutral singlet.
     check_domain: when the model file carries training-domain statistics (metadata ``domain``,
-        see mfcalc.domain), check every structure against them: ``calc.domain_warnings`` lists
-        the reasons for the last one, and the first structure with any gives one
+        see mfcalc.domain), check structures against them (every new system, then every
+        ``DOMAIN_CHECK_EVERY``-th force call): ``calc.domain_warnings`` lists the reasons for the
+        last one checked, and the first structure with any gives one
         ``OutOfDomainWarning`` (a RuntimeWarning) per calculator. ``calc.out_of_domain(atoms)``
         asks explicitly.
 
@@ -409,6 +412,7 @@ class MFCalculator(Calculator):
         self.charge_states = [tuple(int(x) for x in state)
                               for state in self.metadata.get("charge_states", NEUTRAL_SINGLET)]
         self._state_warned = False
+        self._checked_state: Optional[tuple] = None
         self._init_domain(check_domain)
         self._init_args = {"model": str(Path(self.metadata["path"]).resolve()), "device": str(self.device),
                            "neighbor_list": neighbor_list, "compile": bool(compile),
@@ -543,8 +547,17 @@ class MFCalculator(Calculator):
         self._check_charge_state(atoms)
 
     def _check_charge_state(self, atoms: Atoms) -> None:
+        """Cached until the numbers, pbc, the charge/spin keys of ``atoms.info`` or the initial
+        charges and moments change (an MD step changes none of them)."""
+        initial = [atoms.arrays.get(name) for name in ("initial_charges", "initial_magmoms")]
+        key = (atoms.numbers.tobytes(), atoms.pbc.tobytes(),
+               repr([atoms.info.get(k) for k in CHARGE_KEYS + SPIN_KEYS]),
+               tuple(None if a is None else a.tobytes() for a in initial))
+        if key == self._checked_state:
+            return
         problem = charge_state_problem(atoms, self.charge_states)
         if problem is None:
+            self._checked_state = key
             return
         if not self.allow_unsupported_state:
             raise ValueError(problem + "; MFCalculator(..., allow_unsupported_state=True) predicts it anyway, "
@@ -553,6 +566,7 @@ class MFCalculator(Calculator):
             self._state_warned = True
             warnings.warn(problem + " (allow_unsupported_state=True: predicted without charge or spin; "
                           "this warning is shown once per calculator)", RuntimeWarning, stacklevel=3)
+        self._checked_state = key
 
     def _check_structure(self, atoms: Atoms) -> None:
         """Checks that depend on numbers, cell and pbc only; cached until one of them changes."""
@@ -576,8 +590,10 @@ class MFCalculator(Calculator):
     # ------------------------------------------------------------------ training domain
     def _init_domain(self, enabled: bool) -> None:
         self.domain = None
-        self.domain_warnings: List[str] = []  # reasons the last structure looked out of domain
+        self.domain_warnings: List[str] = []  # reasons the last structure checked looked out of domain
         self._domain_warned = False
+        self._domain_structure: Optional[tuple] = None  # the system (numbers, cell, pbc) last checked
+        self._domain_calls = 0
         if enabled and "domain" in self.metadata:
             self.domain = self._domain_from_metadata()
 
@@ -595,9 +611,16 @@ class MFCalculator(Calculator):
         return path.parent.name if path.name == "model.pt" else path.name
 
     def _check_domain(self, atoms: Atoms, forces: np.ndarray) -> None:
-        """Record why ``atoms`` looks unlike the training data; warn the first time only."""
+        """Record why ``atoms`` looks unlike the training data; warn the first time only. Checked
+        for every new system (numbers, cell or pbc changed) and then every DOMAIN_CHECK_EVERY-th
+        force call (an MD run drifting out of the domain is seen within that many steps; each
+        check costs ~25-70 µs, 2-4% of a small-molecule step)."""
         if self.domain is None:
             return
+        self._domain_calls += 1
+        if self._checked_structure == self._domain_structure and self._domain_calls < DOMAIN_CHECK_EVERY:
+            return
+        self._domain_structure, self._domain_calls = self._checked_structure, 0
         self.domain_warnings = self.domain.reasons(atoms.numbers, atoms.positions, atoms.cell.array,
                                                    atoms.pbc, forces)
         if self.domain_warnings and not self._domain_warned:

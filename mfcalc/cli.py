@@ -365,7 +365,7 @@ def _cmd_vib(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from .finetune import check_output_dir, finetune, finetune_settings, held_out_count, save_finetuned
+    from .finetune import check_output_dir, finetune, save_finetuned
     from .recipe import READERS, load_datasets, read_recipe
 
     check_output_dir(args.output, force=args.force)  # before the training, not after it
@@ -383,15 +383,12 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         replay_val = splits["val"]
     aliases = json.loads(args.aliases) if args.aliases else None
 
+    # the protocol for the data size (mfcalc.finetune.finetune_settings), changed only where a flag was given
     overrides = dict(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                      lr=args.lr, patience=args.patience)
-    settings = None  # the protocol for the data size (mfcalc.finetune.finetune_settings)
-    if any(v is not None for v in overrides.values()):
-        settings = finetune_settings(len(data) - held_out_count(len(data), args.val_fraction), args.strategy,
-                                     seed=args.seed, **overrides)
     result = finetune(args.base, data, args.fidelity, new_fidelity=args.new_fidelity, strategy=args.strategy,
                       replay=replay, replay_val=replay_val, replay_fraction=args.replay_fraction, aliases=aliases,
-                      settings=settings, seed=args.seed, val_fraction=args.val_fraction)
+                      setting_overrides=overrides, seed=args.seed, val_fraction=args.val_fraction)
     path = save_finetuned(result, args.output, force=args.force)
     print(f"wrote {path}: fidelities {result.forcefield.fidelities}")
     drift = result.report["drift"]

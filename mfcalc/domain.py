@@ -25,8 +25,9 @@ unlike the training data (an empty list: nothing found):
    training (needs the forces: the calculator passes its own).
 
 It costs one pair search over the structure (numpy for small molecules, the cell list above
-``SMALL``) and a few array operations: ~40 µs for ethanol (1.5% of a TorchScript MD step;
-``MFCalculator(check_domain=False)`` skips it). It is a signal, not a guarantee: a
+``SMALL``) and a few array operations: ~25-40 µs for ethanol. The calculator checks every new
+system and then every ``calculator.DOMAIN_CHECK_EVERY`` (100) force calls, so an MD step pays
+almost nothing (``MFCalculator(check_domain=False)`` skips it). It is a signal, not a guarantee: a
 structure can pass every test and still be unlike the training data (a new
 conformer of known motifs), and the tests say nothing about the fidelity asked for (the tables
 pool every fidelity's structures). The fidelity spread of ``MFCalculator.predict_all_fidelities``

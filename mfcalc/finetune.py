@@ -123,6 +123,7 @@ def finetune(
     replay_fraction: float = 0.3,
     val_fraction: float = 0.2,
     settings: Optional[TrainSettings] = None,
+    setting_overrides: Optional[Dict[str, Any]] = None,
     aliases: Optional[Dict[str, str]] = None,
     seed: int = 0,
     refit_reference_energies: Optional[bool] = None,
@@ -135,6 +136,8 @@ def finetune(
     k-fold cross-validation and the final model is trained on all points. The reference energies
     of ``fidelity`` are refitted on the new points when it is new (default), and kept when it
     already exists: its references then come from far more data than a few new points.
+    ``settings`` replaces the protocol (``finetune_settings``) whole; ``setting_overrides``
+    changes single settings of it (None values are ignored).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
@@ -166,7 +169,7 @@ def finetune(
     index = forcefield.fidelities.index(fidelity)
     n = len(data)
     n_val = held_out_count(n, val_fraction)
-    settings = settings or finetune_settings(n - n_val, strategy, seed=seed)
+    settings = settings or finetune_settings(n - n_val, strategy, seed=seed, **(setting_overrides or {}))
     log(describe_settings(settings, n, n_val))
     before = _drift_errors(forcefield, replay_val)
     if new_fidelity if refit_reference_energies is None else refit_reference_energies:
@@ -220,7 +223,9 @@ def finetune(
 
 
 # --------------------------------------------------------------------------- the protocol
-LEARNING_RATES = {"full": 2e-3, "readout": 4e-3, "embedding": 1e-2}
+LEARNING_RATES = {"full": 2e-3, "readout": 4e-3, "embedding": 1e-2}  # per STRATEGIES entry
+# weight of the squared per-atom energy error (eV/atom)^2 against the squared force error (eV/Å)^2
+FINETUNE_ENERGY_WEIGHT = 10.0
 
 
 def finetune_settings(n_train: int, strategy: str = "full", seed: int = 0, **overrides: Any) -> TrainSettings:
@@ -233,8 +238,8 @@ def finetune_settings(n_train: int, strategy: str = "full", seed: int = 0, **ove
     0.99, float64, and early stopping when the validation error has not improved for a quarter
     of the epochs. Measured on rMD17 (benchmarks/rmd17.py --base): with 100 steps per point at
     1e-3 both benzene and naphthalene (40 points) were still improving at the last epoch."""
-    if strategy not in LEARNING_RATES:
-        raise ValueError(f"strategy must be one of {sorted(LEARNING_RATES)}, got {strategy!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
     n_train = max(1, int(n_train))
     batch_size = int(np.clip(n_train // 8, 2, 16))
     steps_per_epoch = int(np.ceil(n_train / batch_size))
@@ -245,7 +250,7 @@ def finetune_settings(n_train: int, strategy: str = "full", seed: int = 0, **ove
         lr_min_factor=0.01, weight_decay=0.0, ema_decay=0.99, patience=max(20, epochs // 4), seed=seed,
         energy_weight=FINETUNE_ENERGY_WEIGHT, dtype="float64", sampling_temperature=1.0,
     )
-    unknown = set(overrides) - set(values) - set(TrainSettings.__dataclass_fields__)
+    unknown = set(overrides) - set(TrainSettings.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown training setting(s) {sorted(unknown)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -257,9 +262,6 @@ def held_out_count(n: int, val_fraction: float) -> int:
     ``val_fraction`` of them, at least 2."""
     return 0 if n < 10 else max(2, int(round(val_fraction * n)))
 
-
-# weight of the squared per-atom energy error (eV/atom)^2 against the squared force error (eV/Å)^2
-FINETUNE_ENERGY_WEIGHT = 10.0
 
 
 def describe_settings(settings: TrainSettings, n: int, n_val: int) -> str:

@@ -38,6 +38,7 @@ MAX_ENERGY_STEP = 1.0  # eV per atom between two checks
 MAX_ISOLATION = 4.0  # Å
 MAX_GROWTH = 3.0
 AUTO = "auto"  # a limit derived from the target temperature / the starting structure
+SMALL = 200  # atoms up to which the nearest-neighbour search is all pairs in numpy
 
 
 class MDInstabilityError(RuntimeError):
@@ -71,6 +72,10 @@ def nearest_neighbour_distances(positions: np.ndarray) -> np.ndarray:
     """Distance of every atom to its nearest other atom (Å); inf for a single atom."""
     if len(positions) < 2:
         return np.full(len(positions), np.inf)
+    if len(positions) <= SMALL:  # all pairs: ~5 µs for ethanol, against ~25 for building a tree
+        d2 = ((positions[:, None, :] - positions[None, :, :]) ** 2).sum(-1)
+        np.fill_diagonal(d2, np.inf)
+        return np.sqrt(d2.min(axis=1))
     from scipy.spatial import cKDTree
 
     distances, _ = cKDTree(positions).query(positions, k=2)
@@ -130,10 +135,13 @@ class MDGuard:
 
     def problem(self) -> Optional[Tuple[str, bool]]:
         """(the first failing check in words, whether it is a geometric one), or None."""
-        for check in (self._finite_state, self._forces, self._temperature, self._energy_step):
-            reason = check()
-            if reason is not None:
-                return reason, False
+        reason = self._finite_state()  # before the calculator is asked for anything
+        if reason is not None:
+            return reason, False
+        energy = float(self.atoms.get_potential_energy())  # read once: every get_* runs a state check
+        reason = self._finite_energy(energy) or self._forces() or self._temperature() or self._energy_step(energy)
+        if reason is not None:
+            return reason, False
         reason = self._geometry()
         return None if reason is None else (reason, True)
 
@@ -146,10 +154,11 @@ class MDGuard:
         bad = np.where(~np.isfinite(atoms.get_momenta()).all(axis=1))[0]
         if len(bad):
             return f"velocity of {_atom(atoms, int(bad[0]))} is NaN or infinite"
-        energy = atoms.get_potential_energy()
-        if not np.isfinite(energy):
-            return f"the potential energy is {energy}"
         return None
+
+    @staticmethod
+    def _finite_energy(energy: float) -> Optional[str]:
+        return None if np.isfinite(energy) else f"the potential energy is {energy}"
 
     def _forces(self) -> Optional[str]:
         forces = self.atoms.get_forces(apply_constraint=False)
@@ -169,8 +178,7 @@ class MDGuard:
             return f"temperature {temperature:.4g} K (limit {self.max_temperature:.4g} K)"
         return None
 
-    def _energy_step(self) -> Optional[str]:
-        energy = float(self.atoms.get_potential_energy())
+    def _energy_step(self, energy: float) -> Optional[str]:
         last, self._last_energy = self._last_energy, energy
         if self.max_energy_step is None or last is None:
             return None

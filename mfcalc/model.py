@@ -163,8 +163,7 @@ class Interaction(nn.Module):
         self.features = features
         self.filter_envelope = filter_envelope
         self.max_l = max_l
-        width = 3 if max_l == 1 else 7
-        self.width = width
+        width = 3 if max_l == 1 else 7  # message channels per feature: s, v (v, r̂) [, t (r̂r̂, t, v⊗r̂), v (t·r̂)]
         self.phi = nn.Sequential(
             nn.Linear(features, features), nn.SiLU(), nn.Linear(features, width * features)
         )

@@ -16,7 +16,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from .calculator import (
-    MFCalculator, check_finite_results, closest_pair, force_call, script_execution, stress_defined, warn_if_close,
+    MFCalculator, check_finite_results, closest_pair, force_call, stress_defined, warn_if_close,
 )
 from .compiled import DENSE_GRAPH_MAX_ATOMS
 from .neighbors import pick_backend
@@ -203,7 +203,7 @@ class ReplicaMD:
         return [edge_index, torch.zeros((edge_index.shape[1], 3), dtype=self.positions.dtype, device=self.positions.device)]
 
     def _forces(self):
-        with self.calc.thread_policy.limit(self.n_replicas * self.n_atoms):
+        with force_call(self.calc.module, self.calc.thread_policy, self.n_replicas * self.n_atoms):
             return self._all_forces()
 
     def _all_forces(self):
@@ -222,11 +222,10 @@ class ReplicaMD:
                                                   self.fidelity[self.batch])
             energy = out["energies"].view(self.n_replicas, self.n_atoms).sum(dim=1)
             return energy, out["forces"].view(self.n_replicas, self.n_atoms, 3)
-        with script_execution(self.calc.module):
-            out = self.calc.module.forward(
-                self.positions.reshape(-1, 3), self.numbers, self.cells, edge_index, shifts,
-                self.fidelity, self.batch, True, False,
-            )
+        out = self.calc.module.forward(
+            self.positions.reshape(-1, 3), self.numbers, self.cells, edge_index, shifts,
+            self.fidelity, self.batch, True, False,
+        )
         return out["energy"], out["forces"].view(self.n_replicas, self.n_atoms, 3)
 
     def step(self) -> None:

@@ -68,3 +68,11 @@ def silicon_small_cell():
     atoms.rattle(0.1, seed=2)
     atoms.positions += [4.0, -7.0, 11.0]
     return atoms
+
+
+@pytest.fixture
+def calc(tiny_model):
+    """An MFCalculator on ``tiny_model`` at fidelity "high", float64, on the CPU."""
+    from mfcalc import MFCalculator
+
+    return MFCalculator(tiny_model, fidelity="high", dtype="float64", device="cpu")

@@ -21,15 +21,7 @@ from mfcalc import MFCalculator, ModelFileError, load_model
 from mfcalc.modelfile import FORMAT_VERSION, METADATA_NAME
 from mfcalc.neighbors import neighbor_list
 
-
-@pytest.fixture
-def calc(tiny_model):
-    return MFCalculator(tiny_model, fidelity="high", dtype="float64", device="cpu")
-
-
-def energy(calc, atoms):
-    atoms.calc = calc
-    return atoms.get_potential_energy()
+from helpers import energy
 
 
 # ----------------------------------------------------------------- fidelity

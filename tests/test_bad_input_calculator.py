@@ -30,17 +30,9 @@ from mfcalc.domain import DomainCheck, OutOfDomainWarning, domain_statistics
 from mfcalc.neighbors import MAX_PERIODIC_IMAGES, neighbor_list
 from mfcalc.workflows import thermalize
 
+from helpers import energy
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def calc(tiny_model):
-    return MFCalculator(tiny_model, fidelity="high", dtype="float64", device="cpu")
-
-
-def energy(calc, atoms):
-    atoms.calc = calc
-    return atoms.get_potential_energy()
 
 
 def water_radical():

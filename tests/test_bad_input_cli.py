@@ -7,14 +7,11 @@ the card files they come from, never typed in here.
 """
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from ase.build import molecule
 from ase.io import read, write
 

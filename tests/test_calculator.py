@@ -9,11 +9,6 @@ from mfcalc import MFCalculator
 from mfcalc.calculator import exact_changes
 
 
-@pytest.fixture
-def calc(tiny_model):
-    return MFCalculator(tiny_model, fidelity="high", dtype="float64", device="cpu")
-
-
 def test_properties_and_units(calc, ethanol):
     ethanol.calc = calc
     energy = ethanol.get_potential_energy()

@@ -15,7 +15,6 @@ checkpoint.pt (same weights, config with the core) are rewritten.
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
