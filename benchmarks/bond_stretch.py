@@ -7,15 +7,12 @@ shows whether the energy is continuous where pairs cross the cutoff.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ase.build import molecule  # noqa: E402
+from ase.build import molecule
 
-from mfcalc import MFCalculator  # noqa: E402
+from mfcalc import MFCalculator
 
 LENGTHS = {"C-H": (2.0, 2.5, 3.5), "O-H": (2.5,)}
 

@@ -5,13 +5,10 @@ Measured 2 threads, ethanol, edges given: script 2.02 ms, compile(model) 2.12 ms
 (first call ~37 s to compile). Path (c) is what MFCalculator(compile=True) runs (mfcalc/compiled.py)."""
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import ethanol, aspirin, water_box
 from mfcalc.modelfile import load_model, build_forcefield
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)

@@ -19,7 +19,6 @@ a markdown table and a PNG learning curve are written.
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,12 +26,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from mfcalc.data import read_extxyz, read_gdml_npz, split_indices  # noqa: E402
-from mfcalc.model import default_config  # noqa: E402
-from mfcalc.modelfile import build_forcefield  # noqa: E402
-from mfcalc.training import TrainSettings, evaluate, refit_reference, to_graphs, train  # noqa: E402
+from mfcalc.data import read_extxyz, read_gdml_npz, split_indices
+from mfcalc.model import default_config
+from mfcalc.modelfile import build_forcefield
+from mfcalc.training import TrainSettings, evaluate, refit_reference, to_graphs, train
 
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "data" / "ethanol"

@@ -21,7 +21,6 @@ recipe with the same number of gradient steps; see benchmarks/results/few_shot_r
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -29,13 +28,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from mfcalc.data import read_extxyz, split_indices  # noqa: E402
-from mfcalc.finetune import finetune  # noqa: E402
-from mfcalc.model import default_config  # noqa: E402
-from mfcalc.modelfile import build_forcefield, export_model, read_metadata  # noqa: E402
-from mfcalc.training import TrainSettings, evaluate, to_graphs  # noqa: E402
+from mfcalc.data import read_extxyz, split_indices
+from mfcalc.finetune import finetune
+from mfcalc.model import default_config
+from mfcalc.modelfile import build_forcefield, export_model, read_metadata
+from mfcalc.training import TrainSettings, evaluate, to_graphs
 
 RESULTS = ROOT / "benchmarks" / "results"
 

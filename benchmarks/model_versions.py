@@ -8,18 +8,15 @@ Velocity Verlet through ASE, float32, default calculator settings (threads="auto
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 from ase import units
 from ase.md.verlet import VelocityVerlet
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import aspirin, ethanol, interleaved_times, water_box  # noqa: E402
+from common import aspirin, ethanol, interleaved_times, water_box
 
-from mfcalc import MFCalculator  # noqa: E402
-from mfcalc.workflows import thermalize  # noqa: E402
+from mfcalc import MFCalculator
+from mfcalc.workflows import thermalize
 
 SYSTEMS = {"ethanol": ethanol, "aspirin": aspirin, "water": lambda: water_box(192)}
 

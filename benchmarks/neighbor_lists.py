@@ -6,16 +6,14 @@ clusters cut from a water box (molecules) and periodic water boxes. Picks the si
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import available_backends, median_time, water_box  # noqa: E402
+from common import available_backends, median_time, water_box
 
-from mfcalc.neighbors import neighbor_list  # noqa: E402
+from mfcalc.neighbors import neighbor_list
 
 RESULTS = Path(__file__).parent / "results"
 

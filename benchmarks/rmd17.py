@@ -32,12 +32,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
 
-from mfcalc.data import read_extxyz, read_rmd17_npz  # noqa: E402
-from mfcalc.model import default_config  # noqa: E402
-from mfcalc.modelfile import build_forcefield  # noqa: E402
-from mfcalc.training import TrainSettings, evaluate, to_graphs, train  # noqa: E402
+from mfcalc.data import read_extxyz, read_rmd17_npz
+from mfcalc.model import default_config
+from mfcalc.modelfile import build_forcefield
+from mfcalc.training import TrainSettings, evaluate, to_graphs, train
 
 FIDELITY = "PBE/def2-SVP"
 MOLECULES = ("benzene", "ethanol", "naphthalene", "salicylic", "toluene", "uracil")

@@ -28,13 +28,12 @@ import torch
 from ase import units
 from ase.md.verlet import VelocityVerlet
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import aspirin, ethanol, water_box  # noqa: E402
+from common import aspirin, ethanol, water_box
 
-from mfcalc import MFCalculator  # noqa: E402
-from mfcalc.modelfile import DEFAULT_MODEL  # noqa: E402
-from mfcalc.threads import SINGLE_THREAD_BELOW  # noqa: E402
-from mfcalc.workflows import thermalize  # noqa: E402
+from mfcalc import MFCalculator
+from mfcalc.modelfile import DEFAULT_MODEL
+from mfcalc.threads import SINGLE_THREAD_BELOW
+from mfcalc.workflows import thermalize
 
 RESULTS = Path(__file__).parent / "results"
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"

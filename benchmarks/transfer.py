@@ -26,12 +26,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "cc_avtz"
-sys.path.insert(0, str(ROOT))
 
-from mfcalc.data import read_gdml_npz  # noqa: E402
-from mfcalc.model import default_config  # noqa: E402
-from mfcalc.modelfile import build_forcefield  # noqa: E402
-from mfcalc.training import TrainSettings, evaluate, to_graphs, train  # noqa: E402
+from mfcalc.data import read_gdml_npz
+from mfcalc.model import default_config
+from mfcalc.modelfile import build_forcefield
+from mfcalc.training import TrainSettings, evaluate, to_graphs, train
 
 MP2, CC = "MP2/aug-cc-pVTZ", "CCSD(T)/aug-cc-pVTZ"
 MOLECULES = ("h2co", "hcooh", "ch3oh", "ch3cho", "ch3cooh", "ch3no2")

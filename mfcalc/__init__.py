@@ -4,12 +4,12 @@
     atoms.calc = MFCalculator("ethanol-mf", fidelity="CCSD(T)")
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .calculator import MFCalculator  # noqa: E402
 from .mdguard import MDGuard, MDInstabilityError  # noqa: E402
 from .modelfile import ModelFileError, export_model, load_model, read_metadata  # noqa: E402
 from .neighbors import neighbor_list  # noqa: E402
+from .potential import Potential  # noqa: E402
 from .replicas import ReplicaMD, predict  # noqa: E402
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "MDInstabilityError",
     "MFCalculator",
     "ModelFileError",
+    "Potential",
     "ReplicaMD",
     "export_model",
     "load_model",

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .forcefield import ForceField
 from .model import MultiFidelityPaiNN
 

@@ -17,7 +17,7 @@ The ``dense`` and ``vesin`` backends are TorchScript-compatible and live inside 
 from typing import List, Tuple
 
 import torch
-import vesin_torch  # noqa: F401  (registers torch.classes.vesin)
+import vesin_torch
 from torch import Tensor
 
 BACKENDS = ("auto", "dense", "vesin", "torch-cluster")
@@ -189,9 +189,10 @@ def vesin_neighbor_list(
     if bool(pbc.any()):
         box = complete_cell(box, pbc)
         check_periodic_images(box, pbc, cutoff)
-    nl = torch.classes.vesin._NeighborList(cutoff, True, False, "auto", 0.0, 0)
+    nl = vesin_torch.NeighborList(cutoff=cutoff, full_list=True)  # public API, TorchScript-ready
     results = nl.compute(
-        positions.detach().to(torch.float64), box.to(torch.float64), pbc, "ijS", True
+        points=positions.detach().to(torch.float64), box=box.to(torch.float64), periodic=pbc,
+        quantities="ijS", copy=True,
     )
     edge_index = torch.stack([results[0], results[1]]).to(torch.long)
     return edge_index, results[2].to(positions.dtype)

@@ -66,7 +66,8 @@ def test_label_inputs_are_nested_picks():
 
 
 @pytest.mark.parametrize("pattern", ["pbe_def2svp-*.extxyz", "ccsdt_ccpvdz-*.extxyz", "ccsdt_ccpvdz_forces-*.extxyz",
-                                     "mp2_ccpvdz-*.extxyz"])
+                                     "mp2_ccpvdz-*.extxyz", "pbe_def2svp_forces-*.extxyz",
+                                     "mp2_ccpvdz_forces-*.extxyz"])
 def test_qm_labels_sit_on_the_xtb_geometries_and_recompute(xtb, pattern):
     pytest.importorskip("pyscf")
     from ase import Atoms

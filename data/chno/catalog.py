@@ -287,7 +287,8 @@ def cost_examples(rows) -> str:
 
 
 #: label files made with `mfcalc label` (label_index, seconds, method, basis in every frame's info)
-LABEL_FILES = ("ccsdt_ccpvdz-*.extxyz", "ccsdt_ccpvdz_forces-*.extxyz", "mp2_ccpvdz-*.extxyz", "pbe_def2svp-*.extxyz")
+LABEL_FILES = ("ccsdt_ccpvdz-*.extxyz", "ccsdt_ccpvdz_forces-*.extxyz", "mp2_ccpvdz-*.extxyz", "mp2_ccpvdz_forces-*.extxyz",
+               "pbe_def2svp-*.extxyz", "pbe_def2svp_forces-*.extxyz")
 
 
 def density_fit_label(info) -> str:

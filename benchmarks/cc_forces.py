@@ -1,0 +1,116 @@
+"""Are the model's coupled-cluster forces coupled-cluster forces? Every fidelity of a model against
+real CCSD(T)/cc-pVDZ gradients (PySCF, all-electron: data/chno/ccsdt_ccpvdz_forces-heavy0-3.extxyz),
+next to what running a cheaper method itself would cost on the same geometries (PBE/def2-SVP and
+MP2/cc-pVDZ gradients computed with PySCF via `mfcalc label --forces`, see data/chno/README.md).
+
+    python benchmarks/cc_forces.py [--model chno-mf] [--recipe recipes/chno-mf.yaml] [--out cc_forces]
+
+Frames are grouped by whether their molecule is held out of the model's training (the recipe's
+``held_out`` test and val lists: every frame of them, at every fidelity, was out of training) or
+not. Forces MAE in meV/Å over all force components; energies are compared after removing each
+molecule's mean offset (the levels differ by whole hartrees), as the spread of the residual.
+Writes benchmarks/results/<out>.md and .json.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from ase.io import read
+
+from mfcalc import MFCalculator
+from mfcalc.modelfile import read_metadata, resolve_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHNO = ROOT / "data" / "chno"
+RESULTS = Path(__file__).parent / "results"
+REFERENCE = CHNO / "ccsdt_ccpvdz_forces-heavy0-3.extxyz"
+CHEAP = {"PBE/def2-SVP (PySCF, RI-J)": CHNO / "pbe_def2svp_forces-ccframes.extxyz",
+         "MP2/cc-pVDZ (PySCF)": CHNO / "mp2_ccpvdz_forces-ccframes.extxyz"}
+
+
+def key(atoms) -> tuple:
+    return tuple(atoms.numbers) + tuple(np.round(atoms.positions, 5).ravel())
+
+
+def frames_by_key(path: Path) -> dict:
+    return {key(a): a for a in read(path, ":")} if path.exists() else {}
+
+
+def energy(atoms) -> float:
+    return float(atoms.info.get("energy", atoms.get_potential_energy() if atoms.calc else np.nan))
+
+
+def forces(atoms) -> np.ndarray:
+    return np.asarray(atoms.arrays.get("forces", atoms.get_forces() if atoms.calc else None))
+
+
+def errors(pred_f, ref_f, pred_e, ref_e, names) -> dict:
+    """Forces MAE (meV/Å) and the std (meV) of the energy residual with each molecule's mean removed."""
+    f = 1000 * np.mean(np.abs(np.concatenate([(p - r).ravel() for p, r in zip(pred_f, ref_f)])))
+    residual = np.asarray(pred_e) - np.asarray(ref_e)
+    centred = []
+    for name in set(names):
+        members = [i for i, n in enumerate(names) if n == name]
+        centred += list(residual[members] - residual[members].mean())
+    return {"forces_mae_meV_A": float(f), "energy_spread_meV": float(1000 * np.std(centred)), "n_frames": len(names)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="chno-mf")
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "chno-mf.yaml"))
+    parser.add_argument("--out", default="cc_forces")
+    args = parser.parse_args()
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    held = set(recipe.get("held_out", {}).get("test", [])) | set(recipe.get("held_out", {}).get("val", []))
+    reference = read(REFERENCE, ":")
+    groups = {"held-out molecules": [a for a in reference if a.info.get("name") in held],
+              "training molecules": [a for a in reference if a.info.get("name") not in held]}
+    meta = read_metadata(resolve_model_path(args.model))
+    cheap = {label: frames_by_key(path) for label, path in CHEAP.items()}
+    results = {"model": args.model, "checksum": meta.get("checksum"), "groups": {}}
+    for group, frames in groups.items():
+        names = [a.info.get("name") for a in frames]
+        ref_f = [forces(a) for a in frames]
+        ref_e = [energy(a) for a in frames]
+        rows = {}
+        for label, table in cheap.items():
+            found = [table.get(key(a)) for a in frames]
+            if all(x is not None for x in found):
+                rows["method itself: " + label] = errors([forces(x) for x in found], ref_f,
+                                                         [energy(x) for x in found], ref_e, names)
+        for fidelity in meta["fidelities"]:
+            calc = MFCalculator(args.model, fidelity=fidelity, dtype="float64")
+            pred_f, pred_e = [], []
+            for a in frames:
+                b = a.copy()
+                b.calc = calc
+                pred_e.append(b.get_potential_energy())
+                pred_f.append(b.get_forces())
+            rows["model fidelity: " + fidelity] = errors(pred_f, ref_f, pred_e, ref_e, names)
+        results["groups"][group] = {"molecules": sorted(set(names)), "rows": rows,
+                                    "mean_abs_force_eV_A": float(np.mean(np.abs(np.concatenate([f.ravel() for f in ref_f]))))}
+    lines = [f"# Forces against CCSD(T)/cc-pVDZ gradients (`python benchmarks/cc_forces.py --model {args.model}`)", "",
+             f"Model `{args.model}` (checksum {str(meta.get('checksum'))[:12]}). Reference: PySCF all-electron "
+             "CCSD(T)/cc-pVDZ analytic gradients of distorted small molecules (data/chno). 'method itself' rows: "
+             "that cheaper method run with PySCF on the same geometries (what skipping coupled cluster costs). "
+             "Energy: std of the residual after removing each molecule's mean offset.", ""]
+    for group, block in results["groups"].items():
+        lines += [f"## {group} ({block['rows'][next(iter(block['rows']))]['n_frames']} frames; mean |F| "
+                  f"{block['mean_abs_force_eV_A']:.2f} eV/Å)", "", ", ".join(block["molecules"]), "",
+                  "| forces from | forces MAE (meV/Å) | energy spread (meV) |", "|---|---|---|"]
+        for label, r in block["rows"].items():
+            lines.append(f"| {label} | {r['forces_mae_meV_A']:.1f} | {r['energy_spread_meV']:.1f} |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.md").write_text(text)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
