@@ -134,12 +134,11 @@ def main():
         for dtype in ("float32", "float64"):
             for backend in backends + ["auto"]:
                 calc = MFCalculator(args.model, dtype=dtype, device=args.device, neighbor_list=backend)
-                calc._check_structure(atoms)
-                shown = f"auto ({calc._backend})" if backend == "auto" else backend
+                shown = f"auto ({calc.backend_for(atoms)})" if backend == "auto" else backend
                 runs["mfcalc " + args.model, dtype, shown] = Run(atoms, calc, dt, steps)
             calc = MFCalculator(args.model, dtype=dtype, device=args.device, compile=True)
-            calc._check_structure(atoms)
-            runs["mfcalc " + args.model + " compile=True", dtype, f"auto ({calc._backend})"] = Run(atoms, calc, dt, steps)
+            shown = f"auto ({calc.backend_for(atoms)})"
+            runs["mfcalc " + args.model + " compile=True", dtype, shown] = Run(atoms, calc, dt, steps)
             for peer, make in peers.items():
                 n = max(1, steps // 10) if len(atoms) > 100 else steps
                 runs[peer, dtype, "own"] = Run(atoms, make(dtype, args.device), dt, n)

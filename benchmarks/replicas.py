@@ -63,7 +63,7 @@ def main():
                 a = molecule("CH3CH2OH")
                 thermalize(a, 300, np.random.default_rng(k))
                 replicas.append(a)
-            runs[r] = ReplicaMD(calc, replicas, friction=0.0)
+            runs[r] = ReplicaMD(calc.potential, replicas, fidelity=calc.fidelity, friction=0.0)
             runs[r].run(10)  # warm-up (and, for compile=True, the first compilation)
         # interleaved rounds, so that the drift of a shared host hits baseline and replicas alike;
         # the 9-atom ASE step is short, so it takes 4x the steps per sample
