@@ -13,7 +13,6 @@ benchmarks/results/. A zero-cost calculator gives ASE's own floor per step.
 
 import argparse
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,12 @@ from ase import units
 from ase.calculators.calculator import Calculator, all_changes
 from ase.md.verlet import VelocityVerlet
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import aspirin, available_backends, ethanol, interleaved_times, water_box  # noqa: E402
+from common import aspirin, available_backends, ethanol, interleaved_times, water_box
 
-from mfcalc import MFCalculator  # noqa: E402
-from mfcalc.calculator import exact_changes  # noqa: E402
-from mfcalc.modelfile import DEFAULT_MODEL  # noqa: E402
-from mfcalc.workflows import thermalize  # noqa: E402
+from mfcalc import MFCalculator
+from mfcalc.calculator import exact_changes
+from mfcalc.modelfile import DEFAULT_MODEL
+from mfcalc.workflows import thermalize
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -10,7 +10,6 @@ of the scaling curve.
 
 import argparse
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +18,10 @@ from ase import units
 from ase.build import molecule
 from ase.md.verlet import VelocityVerlet
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import interleaved_times  # noqa: E402
-from mfcalc import MFCalculator, ReplicaMD  # noqa: E402
-from mfcalc.modelfile import DEFAULT_MODEL  # noqa: E402
-from mfcalc.workflows import thermalize  # noqa: E402
+from common import interleaved_times
+from mfcalc import MFCalculator, ReplicaMD
+from mfcalc.modelfile import DEFAULT_MODEL
+from mfcalc.workflows import thermalize
 
 RESULTS = Path(__file__).parent / "results"
 
