@@ -29,6 +29,7 @@ import torch
 from ase import Atoms
 from ase.data import chemical_symbols
 
+from .batching import flat_batch
 from .compiled import DENSE_GRAPH_MAX_ATOMS, CompiledForceField
 from .modelfile import DEFAULT_MODEL, ModelFileError, build_forcefield, load_model
 from .neighbors import BACKENDS, check_periodic_images, complete_cell, pick_backend, torch_cluster_neighbor_list
@@ -572,20 +573,10 @@ class Potential:
     def _forward(self, prepared: Sequence[PreparedStructure], fidelities: Sequence[int],
                  pairs: Sequence[List[torch.Tensor]], forces: bool, stress: bool) -> Dict[str, torch.Tensor]:
         """The module's flat-batch ``forward`` over ``prepared`` with their pair lists."""
-        counts = [p.n_atoms for p in prepared]
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        edge_index = torch.cat([e + int(o) for (e, _), o in zip(pairs, offsets)], dim=1)
-        shifts = torch.cat([s for _, s in pairs])
-        n = len(prepared)
-        batch = torch.repeat_interleave(torch.arange(n, device=self.device), torch.tensor(counts, device=self.device))
-        return self.module.forward(
-            torch.cat([p.positions for p in prepared]),
-            torch.cat([p.numbers for p in prepared]),
-            torch.stack([p.cell for p in prepared]),
-            edge_index, shifts,
-            torch.tensor(list(fidelities), dtype=torch.long, device=self.device),
-            batch, forces, stress,
-        )
+        b = flat_batch([p.positions for p in prepared], [p.numbers for p in prepared], [p.cell for p in prepared],
+                       [e for e, _ in pairs], [s for _, s in pairs], fidelities, self.device)
+        return self.module.forward(b["positions"], b["numbers"], b["cell"], b["edge_index"], b["shifts"],
+                                   b["fidelity"], b["batch"], forces, stress)
 
     def evaluate_batch(self, prepared: Sequence[PreparedStructure], fidelity: Union[int, Sequence[int]],
                        numbered_from: Optional[int] = 0, stress: bool = True) -> List[Dict[str, Any]]:

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .batching import flat_batch
 from .data import Structure, count_by_fidelity
 from .forcefield import ForceField
 from .neighbors import neighbor_list
@@ -65,9 +66,11 @@ def to_graphs(
 
 
 def collate(graphs: Sequence[Graph], dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """A flat batch: atoms and pairs concatenated, pair indices offset per structure."""
-    offsets = np.cumsum([0] + [len(g.numbers) for g in graphs[:-1]])
-    n_atoms = torch.tensor([len(g.numbers) for g in graphs])
+    """A flat batch (``batching.flat_batch``, the layout every force call uses) with the labels:
+    energy (B,), forces (sum N, 3; zeros where a structure has none) and has_forces per atom."""
+    batch = flat_batch([g.positions.to(dtype) for g in graphs], [g.numbers for g in graphs],
+                       [g.cell.to(dtype) for g in graphs], [g.edge_index for g in graphs],
+                       [g.shifts.to(dtype) for g in graphs], [g.fidelity for g in graphs])
     forces, mask = [], []
     for g in graphs:
         if g.forces is None:
@@ -76,19 +79,11 @@ def collate(graphs: Sequence[Graph], dtype: torch.dtype = torch.float32) -> Dict
         else:
             forces.append(g.forces)
             mask.append(torch.ones(len(g.numbers), dtype=torch.bool))
-    return {
-        "positions": torch.cat([g.positions for g in graphs]).to(dtype),
-        "numbers": torch.cat([g.numbers for g in graphs]),
-        "cell": torch.stack([g.cell for g in graphs]).to(dtype),
-        "edge_index": torch.cat([g.edge_index + int(o) for g, o in zip(graphs, offsets)], dim=1),
-        "shifts": torch.cat([g.shifts for g in graphs]).to(dtype),
-        "fidelity": torch.tensor([g.fidelity for g in graphs]),
-        "batch": torch.repeat_interleave(torch.arange(len(graphs)), n_atoms),
-        "n_atoms": n_atoms.to(dtype),
-        "energy": torch.tensor([g.energy for g in graphs], dtype=torch.float64),
-        "forces": torch.cat(forces).to(dtype),
-        "has_forces": torch.cat(mask),
-    }
+    batch["n_atoms"] = batch["n_atoms"].to(dtype)
+    batch["energy"] = torch.tensor([g.energy for g in graphs], dtype=torch.float64)
+    batch["forces"] = torch.cat(forces).to(dtype)
+    batch["has_forces"] = torch.cat(mask)
+    return batch
 
 
 def composition_systems(records, n_fidelities: int, elements: List[int]) -> Dict[int, tuple]:
