@@ -4,6 +4,7 @@ Commands (``mfcalc COMMAND --help`` for each):
 
 - ``train RECIPE``: train a model from a YAML/TOML recipe (also under torchrun)
 - ``export CHECKPOINT -o MODEL.pt``: write a TorchScript model file from a checkpoint
+  (``export MODEL --format metatomic -o FILE``: a metatomic file with every fidelity)
 - ``info [MODEL]``: fidelities, aliases, elements, cutoff, and test errors with what each was measured on
 - ``evaluate [MODEL] --recipe RECIPE``: per-fidelity errors of a model on a recipe's split
 - ``md STRUCTURE --model MODEL``: Langevin MD at a chosen fidelity, stopped with a reason if it goes unphysical
@@ -33,7 +34,9 @@ import numpy as np
 from .modelfile import DEFAULT_MODEL
 
 # optional extras of pyproject.toml: the module a command imports -> the extra that installs it
-EXTRAS = {"pyscf": "qm", "rdkit": "data", "tblite": "data", "torch_cluster": "cluster", "matplotlib": "test"}
+EXTRAS = {"pyscf": "qm", "rdkit": "data", "tblite": "data", "torch_cluster": "cluster", "matplotlib": "test",
+          "metatomic": "ecosystem", "metatomic_ase": "ecosystem", "metatensor": "ecosystem", "ipi": "ecosystem",
+          "dask": "ecosystem", "distributed": "ecosystem"}
 # what an error of these types says is the whole story: printed as it is
 PLAIN_ERRORS = (ValueError, RuntimeError, ArithmeticError, OSError, KeyError)
 
@@ -137,11 +140,54 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     import torch
 
-    from .modelfile import build_forcefield, export_model, load_checkpoint
     from .workflows import check_output
 
     check_output(args.output, force=args.force, suffixes=(".pt",), what="-o")
-    payload = load_checkpoint(args.checkpoint)
+    if args.format == "metatomic":
+        _export_metatomic(args)
+        return
+    fidelities = _export_mfcalc(args.checkpoint, args.output, args, getattr(torch, args.dtype or "float64"))
+    print(f"wrote {args.output}: fidelities {fidelities}")
+
+
+def _export_metatomic(args: argparse.Namespace) -> None:
+    """``export MODEL --format metatomic``: MODEL is an exported model (name, directory or .pt)
+    or a checkpoint (exported to mfcalc's format in a temporary file first)."""
+    import tempfile
+
+    import torch
+
+    from .metatomic import export_metatomic
+    from .modelfile import ModelFileError, load_checkpoint
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.load's note on a TorchScript file
+        try:
+            load_checkpoint(args.checkpoint)
+            is_checkpoint = True
+        except ModelFileError:  # an exported model (or nothing: export_metatomic says so)
+            is_checkpoint = False
+    if is_checkpoint:
+        with tempfile.TemporaryDirectory() as tmp:
+            mfcalc_file = Path(tmp) / "model.pt"
+            _export_mfcalc(args.checkpoint, mfcalc_file, args, torch.float64)
+            variants = export_metatomic(mfcalc_file, args.output, dtype=dtype or torch.float64)
+    else:
+        if args.aliases or args.default_fidelity:
+            raise ValueError("--aliases and --default-fidelity apply to a checkpoint; this is an exported "
+                             f"model ({args.checkpoint}), whose own are kept")
+        variants = export_metatomic(args.checkpoint, args.output, dtype=dtype)
+    print(f"wrote {args.output} (metatomic): outputs 'energy' and, per fidelity, 'energy/<variant>':")
+    for variant, name in variants.items():
+        print(f"  {variant:24s} {name}")
+
+
+def _export_mfcalc(checkpoint: str, output, args: argparse.Namespace, dtype) -> list:
+    """The mfcalc model file of a checkpoint, with the card's and the command line's metadata."""
+    from .modelfile import build_forcefield, export_model, load_checkpoint
+
+    payload = load_checkpoint(checkpoint)
     card = json.loads(payload.get("card", "{}"))
     forcefield = build_forcefield(payload["config"], payload["state_dict"])
     meta = {"training_data": card.get("training_data", []), "test_errors": card.get("test_errors", {})}
@@ -152,8 +198,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         meta["aliases"] = json.loads(args.aliases)
     if args.default_fidelity:
         meta["default_fidelity"] = args.default_fidelity
-    export_model(forcefield, args.output, meta, dtype=getattr(torch, args.dtype))
-    print(f"wrote {args.output}: fidelities {payload['config']['fidelities']}")
+    export_model(forcefield, output, meta, dtype=dtype)
+    return payload["config"]["fidelities"]
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -468,10 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", choices=["none", "reptile"], help="meta-learned pretraining (fidelities as tasks)")
     p.set_defaults(func=_cmd_train)
 
-    p = command("export", "write a TorchScript model file from a checkpoint")
-    p.add_argument("checkpoint")
+    p = command("export", "write a TorchScript model file from a checkpoint (or a metatomic file of a model)")
+    p.add_argument("checkpoint", help="checkpoint; with --format metatomic also an exported model (name or .pt)")
     p.add_argument("-o", "--output", required=True, help="model file (.pt)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--format", choices=["mfcalc", "metatomic"], default="mfcalc",
+                   help="mfcalc (default): mfcalc's own model file; metatomic: a metatomic AtomisticModel "
+                        "with every fidelity as an 'energy/<variant>' output, for LAMMPS, i-PI, ASE, TorchSim "
+                        "(needs pip install 'mfcalc[ecosystem]')")
+    p.add_argument("--dtype", choices=["float32", "float64"],
+                   help="default float64 (metatomic from an exported model: that model's own)")
     p.add_argument("--aliases", help='JSON, e.g. \'{"CCSD(T)": "CCSD(T)/cc-pVTZ"}\'')
     p.add_argument("--default-fidelity")
     force(p)
