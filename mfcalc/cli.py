@@ -455,7 +455,8 @@ def _cmd_label(args: argparse.Namespace) -> None:
     structures = read(args.structures, index=":")
     labelled = label(structures, args.method, args.out, forces=args.forces, fidelity=args.fidelity,
                      charge=args.charge, spin=args.spin, workers=args.workers,
-                     threads_per_worker=args.threads, density_fit=args.density_fit)
+                     threads_per_worker=args.threads, density_fit=args.density_fit, dask=args.dask,
+                     dask_workers=args.dask_workers)
     print(f"{len(labelled)} of {len(structures)} structures labelled at {args.method} in {args.out}")
     if len(labelled) < len(structures):
         raise RuntimeError(f"{len(structures) - len(labelled)} structures failed; run again to retry them")
@@ -538,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spin", type=nonnegative_int, default=0, help="2S (number of unpaired electrons)")
     p.add_argument("--workers", type=positive_int, default=1, help="structures computed in parallel")
     p.add_argument("--threads", type=positive_int, default=1, help="PySCF threads per worker")
+    p.add_argument("--dask", metavar="ADDRESS",
+                   help="run the structures on a Dask cluster: a scheduler address (tcp://host:8786, e.g. from "
+                        "dask-jobqueue's SLURMCluster) or 'local' (a LocalCluster here); same output and resume")
+    p.add_argument("--dask-workers", type=positive_int,
+                   help="worker processes of --dask local (default: --workers)")
     p.add_argument("--density-fit", action="store_true",
                    help="RI-J for DFT (ORCA's default for GGAs); RI-JK + RI-MP2 for MP2 energies "
                         "(PySCF's default auxiliary basis sets)")

@@ -19,6 +19,16 @@ processes, saying so in one line and exiting (status 143 for SIGTERM; KeyboardIn
 SIGINT); a worker also ends when its parent dies in any other way, SIGKILL included (Linux:
 PR_SET_PDEATHSIG). With one worker PySCF runs in this process and a signal ends it as usual.
 
+On a Dask cluster (``dask="tcp://scheduler:8786"``, or ``dask="local"`` for a LocalCluster of
+``dask_workers`` processes on this machine; optional extra ``mfcalc[ecosystem]``): each structure
+is one task (``_work``, the same function the local workers run), sent to the cluster's workers,
+which need mfcalc and PySCF installed. Results come back to this process, which alone writes the
+output, one finished record at a time as above: the same file, the same resume and the same
+lock. A killed client loses only the structures in flight (the cluster drops the tasks of a
+client that is gone; a local cluster's processes end with it). A task whose worker died
+(``KilledWorker``) counts as a failed structure, retried by the next run. dask-jobqueue's
+``SLURMCluster``/``PBSCluster`` give a scheduler address to pass here (see the README).
+
 A method is written "METHOD/BASIS", e.g. "CCSD(T)/cc-pVDZ", "PBE/def2-SVP", "B3LYP/6-31G*",
 "MP2/cc-pVTZ", "HF/sto-3g". Every record stores the exact method, basis, charge, spin and the
 PySCF version, and its fidelity name (the method string unless ``fidelity`` says otherwise).
@@ -144,6 +154,7 @@ def check_density_fit(name: str, density_fit: bool, forces: bool = False, spin: 
 POSITION_DECIMALS = 8  # extxyz writes positions as %16.8f: a record read back hashes like its input
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+DASK_CONNECT_TIMEOUT = "30s"  # for a scheduler address that does not answer
 
 
 # --------------------------------------------------------------------------- what a record is
@@ -408,10 +419,15 @@ def _signals_deferred() -> Iterator[None]:
         signal.raise_signal(caught[0])
 
 
-def _run_jobs(jobs: List[tuple], workers: int, out: Path, on_result: Callable) -> None:
+def _run_jobs(jobs: List[tuple], workers: int, out: Path, on_result: Callable, dask: Optional[str] = None,
+              dask_workers: Optional[int] = None) -> None:
     """Run ``_work`` on every job, calling ``on_result(*result)`` as each finishes. One worker:
     in this process, as before (a forked child can hang in OpenMP when this process used PySCF
-    with threads); more: in forked worker processes that a signal to the parent ends too."""
+    with threads); more: in forked worker processes that a signal to the parent ends too. With
+    ``dask``: as tasks on that Dask cluster (see ``_run_jobs_dask``)."""
+    if dask is not None:
+        _run_jobs_dask(jobs, dask, dask_workers or workers, on_result)
+        return
     if workers <= 1:
         for job in jobs:
             on_result(*_work(job))
@@ -432,6 +448,53 @@ def _run_jobs(jobs: List[tuple], workers: int, out: Path, on_result: Callable) -
     pool.shutdown()
 
 
+def _dask_client(address: str, n_workers: int):
+    """(client, cluster) for ``address``: "local" starts a LocalCluster of ``n_workers``
+    single-threaded worker processes on this machine (PySCF's threads are the job's own), closed
+    with the client; anything else is the address of a running scheduler (cluster None)."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as err:
+        raise ImportError("mfcalc label --dask needs dask.distributed: pip install 'mfcalc[ecosystem]'",
+                          name="distributed") from err
+    if address == "local":
+        import logging
+
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=logging.ERROR)
+        return Client(cluster), cluster
+    try:
+        return Client(address, timeout=DASK_CONNECT_TIMEOUT), None
+    except OSError as err:
+        raise RuntimeError(f"no Dask scheduler answers at {address!r} ({err}); start one (dask scheduler, "
+                           f"or dask-jobqueue's SLURMCluster) or use --dask local") from None
+
+
+def _run_jobs_dask(jobs: List[tuple], address: str, n_workers: int, on_result: Callable) -> None:
+    """Every job as one task on a Dask cluster; ``on_result`` runs here, in the client, as each
+    task finishes (in the order they finish). A task that failed outside ``_work`` (its worker
+    died, or the cluster lost it) is reported as a failed structure."""
+    from distributed import as_completed
+
+    client, cluster = _dask_client(address, n_workers)
+    futures = {}
+    try:
+        for job in jobs:  # pure=False: a rerun submits again instead of reusing a cached result
+            futures[client.submit(_work, job, pure=False, key=f"mfcalc-label-{job[0]}-{os.getpid()}")] = job[0]
+        for future in as_completed(list(futures)):
+            if future.status == "finished":
+                on_result(*future.result())
+            else:
+                err = future.exception()
+                on_result(futures[future], None, f"{type(err).__name__} (on the Dask cluster): {err}", 0.0)
+            future.release()
+    finally:
+        client.cancel(list(futures))
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
 def _fork_context():
     """Workers forked from this process where the platform can (what the parent check in
     _worker_start assumes; Python 3.14 would otherwise start them from a fork server), else
@@ -446,11 +509,19 @@ def label(
     structures: Sequence[Atoms], method: str, out: Union[str, Path], forces: bool = False,
     fidelity: Optional[str] = None, charge: int = 0, spin: int = 0, workers: int = 1,
     threads_per_worker: int = 1, progress=sys.stderr, density_fit: bool = False,
+    dask: Optional[str] = None, dask_workers: Optional[int] = None,
 ) -> List[Atoms]:
     """Label ``structures`` and append them to ``out`` (extxyz) as they finish; return the records
     of the input structures (input order; failed ones are missing). Structures whose record is
     already in ``out`` (same structure hash and settings) are skipped, so an interrupted run
-    continues; an ``out`` of other settings or other structures is refused."""
+    continues; an ``out`` of other settings or other structures is refused.
+
+    ``dask``: a Dask scheduler address, or "local" for a LocalCluster of ``dask_workers``
+    (default ``workers``) processes; the structures run there instead of in local workers."""
+    if dask is not None and not str(dask).strip():
+        raise ValueError("dask must be a scheduler address (e.g. tcp://host:8786) or 'local'")
+    if dask_workers is not None and dask is None:
+        raise ValueError("dask_workers (--dask-workers) is for dask='local' (--dask local)")
     check_density_fit(parse_method(method)[0], density_fit, forces, spin)  # fail before any work
     out = Path(out)
     wanted = requested_settings(method, fidelity, forces, density_fit, charge, spin)
@@ -462,11 +533,13 @@ def label(
             _drop_cut_off_record(handle, out, cut, len(records))
         jobs = [(k, a.copy(), method, forces, charge, spin, threads_per_worker, density_fit)
                 for k, a in enumerate(structures) if k not in done]
-        new = _label_jobs(jobs, structures, hashes, wanted, workers, handle, out, progress, len(done))
+        new = _label_jobs(jobs, structures, hashes, wanted, workers, handle, out, progress, len(done),
+                          dask=dask, dask_workers=dask_workers)
     return [record for _, record in sorted({**done, **new}.items())]
 
 
-def _label_jobs(jobs, structures, hashes, wanted, workers, handle, out, progress, before) -> Dict[int, Atoms]:
+def _label_jobs(jobs, structures, hashes, wanted, workers, handle, out, progress, before, dask=None,
+                dask_workers=None) -> Dict[int, Atoms]:
     """Run the jobs, append each finished record to ``handle``; report progress and failures."""
     new: Dict[int, Atoms] = {}
     failures: List[Tuple[int, str]] = []
@@ -482,7 +555,7 @@ def _label_jobs(jobs, structures, hashes, wanted, workers, handle, out, progress
         _report(progress, wanted, len(new) + len(failures), len(jobs), before, len(failures), start)
 
     if jobs:
-        _run_jobs(jobs, workers, out, finished)
+        _run_jobs(jobs, workers, out, finished, dask=dask, dask_workers=dask_workers)
     if progress is not None:
         progress.write("\n")
     for index, error in sorted(failures):
