@@ -11,7 +11,8 @@ Commands (``mfcalc COMMAND --help`` for each):
 - ``sample STRUCTURE --model MODEL``: MD at a cheap fidelity, then diverse picks to label
 - ``relax STRUCTURE --model MODEL``: geometry optimisation with a summary table
 - ``vib STRUCTURE --model MODEL``: harmonic frequencies (ase.vibrations and phonopy)
-- ``label STRUCTURES --method METHOD``: quantum-chemistry labels with PySCF (resumable)
+- ``label STRUCTURES --method METHOD``: quantum-chemistry labels with PySCF (resumable; ``--dask`` for a cluster)
+- ``ipi [MODEL] --fidelity F --structure S --address ADDR [--unix]``: an i-PI force client
 - ``finetune BASE DATA -o DIR``: fine-tune a model on a few new points, keeping every fidelity
 
 Every command exits 0 on success and 1 with one line ``mfcalc COMMAND: error: ...`` otherwise
@@ -462,6 +463,19 @@ def _cmd_label(args: argparse.Namespace) -> None:
         raise RuntimeError(f"{len(structures) - len(labelled)} structures failed; run again to retry them")
 
 
+def _cmd_ipi(args: argparse.Namespace) -> None:
+    from .ipi import run_client
+    from .workflows import read_structure
+
+    if args.unix and args.port is not None:
+        raise ValueError("--port is for a TCP socket; a UNIX socket (--unix) is named by --address alone")
+    atoms = read_structure(args.structure)
+    calls = run_client(atoms, _model_of(args), args.fidelity, args.address, unix=args.unix,
+                       port=args.port or 31415, timeout=args.timeout, dtype=args.dtype, device=args.device,
+                       threads=args.threads)
+    _say(f"mfcalc ipi: i-PI closed the connection after {calls} force calls")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -572,6 +586,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory (not a shipped model's)")
     force(p)
     p.set_defaults(func=_cmd_finetune)
+
+    p = command("ipi", "an i-PI force client (path-integral MD and more, driven by i-PI) at one fidelity")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model name or file (or --model)")
+    p.add_argument("--model", help=f"model name or file (default {DEFAULT_MODEL})")
+    p.add_argument("--fidelity", help="level of theory (default: the model's)")
+    p.add_argument("--structure", required=True,
+                   help="the structure i-PI starts from (any file ASE reads, or a molecule name): its atomic "
+                        "numbers and pbc; i-PI sends positions and cell")
+    p.add_argument("--address", default="localhost",
+                   help="i-PI's <address>: a host for TCP (default localhost), a socket name with --unix")
+    p.add_argument("--unix", action="store_true", help="UNIX socket /tmp/ipi_ADDRESS (i-PI's mode='unix')")
+    p.add_argument("--port", type=positive_int, help="TCP port (default 31415)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds to wait for i-PI's socket")
+    p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--device", default="auto")
+    threads(p)
+    p.set_defaults(func=_cmd_ipi)
 
     p = command("evaluate", "per-fidelity errors of a model on a recipe's split")
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model name or file (or --model)")

@@ -44,3 +44,13 @@ def test_all_fidelities_plot(tmp_path):
 def test_water_box_says_it_is_not_physical():
     out = run("water_box.py")
     assert "not physical" in out and "NPT (Berendsen)" in out and "pressure" in out
+
+
+def test_pimd_ethanol_shows_nuclear_quantum_effects():
+    import pytest
+
+    pytest.importorskip("ipi")
+    out = run("pimd_ethanol.py", "--steps", "300", timeout=240)
+    ratio = float(out.split("quantum kinetic energy / classical 3N/2 kT:")[1].split()[0])
+    assert 2.0 < ratio < 4.0  # zero-point motion: ~2.8x the classical kinetic energy of ethanol at 300 K
+    assert "| H-O bond length" in out and "| C-H bond length" in out
