@@ -76,7 +76,7 @@ def main():
         names = [a.info.get("name") for a in frames]
         ref_f = [forces(a) for a in frames]
         ref_e = [energy(a) for a in frames]
-        rows = {}
+        rows, own_rows = {}, {}
         for label, table in cheap.items():
             found = [table.get(key(a)) for a in frames]
             if all(x is not None for x in found):
@@ -91,7 +91,12 @@ def main():
                 pred_e.append(b.get_potential_energy())
                 pred_f.append(b.get_forces())
             rows["model fidelity: " + fidelity] = errors(pred_f, ref_f, pred_e, ref_e, names)
-        results["groups"][group] = {"molecules": sorted(set(names)), "rows": rows,
+            for label, table in cheap.items():  # the fidelity against its own method's gradients
+                own = [table.get(key(a)) for a in frames]
+                if label.split(" ")[0] == fidelity and all(x is not None for x in own):
+                    own_rows[f"model fidelity {fidelity} vs {label} gradients"] = errors(
+                        pred_f, [forces(x) for x in own], pred_e, [energy(x) for x in own], names)
+        results["groups"][group] = {"molecules": sorted(set(names)), "rows": rows, "own_method": own_rows,
                                     "mean_abs_force_eV_A": float(np.mean(np.abs(np.concatenate([f.ravel() for f in ref_f]))))}
     lines = [f"# Forces against CCSD(T)/cc-pVDZ gradients (`python benchmarks/cc_forces.py --model {args.model}`)", "",
              f"Model `{args.model}` (checksum {str(meta.get('checksum'))[:12]}). Reference: PySCF all-electron "
@@ -104,6 +109,11 @@ def main():
                   "| forces from | forces MAE (meV/Å) | energy spread (meV) |", "|---|---|---|"]
         for label, r in block["rows"].items():
             lines.append(f"| {label} | {r['forces_mae_meV_A']:.1f} | {r['energy_spread_meV']:.1f} |")
+        if block["own_method"]:
+            lines += ["", "Each cheaper fidelity against its own method's gradients on the same frames:", "",
+                      "| | forces MAE (meV/Å) | energy spread (meV) |", "|---|---|---|"]
+            for label, r in block["own_method"].items():
+                lines.append(f"| {label} | {r['forces_mae_meV_A']:.1f} | {r['energy_spread_meV']:.1f} |")
         lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -1,4 +1,4 @@
-"""Transfer between levels of theory on identical geometries (../shared/data/cc_avtz: MP2,
+"""Transfer between levels of theory on identical geometries (data/cc_avtz: MP2,
 CCSD(T) and CCSD(T)-F12 / aug-cc-pVTZ from Molpro, energies and forces).
 
     python benchmarks/transfer.py zero-shot [--held-out h2co] [--per-level 200] [--epochs 40]
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data" / "cc_avtz"
+SHARED = ROOT / "data" / "cc_avtz"  # copied from ../shared/data/cc_avtz (see its README)
 
 from mfcalc.data import read_gdml_npz
 from mfcalc.model import default_config
@@ -95,15 +95,15 @@ def write(results: list) -> None:
              "## Zero-shot CCSD(T): a molecule seen only at MP2", "",
              "Forces MAE (meV/Å) on test geometries never trained on. `gap` = MP2 vs CCSD(T) on the same geometries "
              "(what 'just use MP2' would cost). Target: held-out CCSD(T) error <= gap / 3.", "",
-             "| held out | molecule | CCSD(T) in training | CCSD(T) F MAE | MP2 F MAE | MP2-CCSD(T) gap | error / gap "
-             "| CCSD(T) E residual std (meV) | train min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| held out | model options | molecule | CCSD(T) in training | CCSD(T) F MAE | MP2 F MAE | MP2-CCSD(T) gap "
+             "| error / gap | CCSD(T) E residual std (meV) | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["experiment"] != "zero-shot":
             continue
         for molecule, m in r["molecules"].items():
             lines.append(
-                f"| {r['held_out']} | {molecule} | {'yes' if m['cc_in_training'] else '**no**'} "
+                f"| {r['held_out']} | `{json.dumps(r.get('options', {}))}` | {molecule} | {'yes' if m['cc_in_training'] else '**no**'} "
                 f"| {m['cc_forces_mae_meV_A']:.1f} | {m['mp2_forces_mae_meV_A']:.1f} | {m['mp2_vs_cc_forces_gap_meV_A']:.1f} "
                 f"| {m['cc_forces_mae_meV_A'] / m['mp2_vs_cc_forces_gap_meV_A']:.2f} "
                 f"| {m['cc_energy_residual_std_meV']:.2f} | {r['train_minutes']:.1f} |")
@@ -123,7 +123,9 @@ def main() -> None:
     store = RESULTS / "transfer.json"
     results = json.loads(store.read_text()) if store.exists() else []
     row = zero_shot(args.held_out, args.per_level, args.n_test, args.epochs, json.loads(args.model_options))
-    results = [r for r in results if (r["experiment"], r["held_out"]) != ("zero-shot", args.held_out)] + [row]
+    same = ("zero-shot", args.held_out, json.dumps(row["options"], sort_keys=True))
+    results = [r for r in results
+               if (r["experiment"], r["held_out"], json.dumps(r.get("options", {}), sort_keys=True)) != same] + [row]
     RESULTS.mkdir(exist_ok=True)
     store.write_text(json.dumps(results, indent=1))
     write(results)
