@@ -333,6 +333,52 @@ def _progress(text: str) -> None:
         sys.stderr.flush()
 
 
+def cosine_factor(step: int, total_steps: int, lr_min_factor: float) -> float:
+    """The learning-rate multiplier at ``step``: cosine from 1 to ``lr_min_factor`` over ``total_steps``."""
+    return lr_min_factor + (1 - lr_min_factor) * 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+
+
+def validation_score(metrics: Dict[str, Dict[str, float]], settings: "TrainSettings") -> float:
+    """What model selection minimises: per fidelity, energy MAE per atom x energy weight + forces MAE."""
+    return sum(
+        settings.energy_weight * m["energy_mae_per_atom"] + settings.forces_weight * m.get("forces_mae", 0.0)
+        for m in metrics.values()
+    )
+
+
+def _sgd_step(forcefield, batch, fid_weight, settings, dtype, optimizer, parameters, world):
+    """One optimiser step on ``batch`` (gradients averaged across ranks, clipped)."""
+    out, e_loss, f_loss, loss = _batch_loss(forcefield, batch, fid_weight, settings, dtype)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:
+        _average_gradients(parameters, world)
+    torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+    optimizer.step()
+    return out, e_loss, f_loss
+
+
+def _save_state(path: Path, forcefield, ema, optimizer, best, history, step: int, epoch: int, minutes: float) -> None:
+    """Everything --resume needs, written atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": forcefield.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+        "best": best, "history": history, "step": step, "epoch": epoch, "minutes": minutes,
+    }, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Optional[Path], forcefield, ema, optimizer):
+    """Restore a ``_save_state`` file into the modules and optimiser: (best, history, step, next epoch, minutes)."""
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"--resume: no training state at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    forcefield.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["best"], state["history"], state["step"], state["epoch"] + 1, state["minutes"]
+
+
 def train(
     forcefield: ForceField,
     train_set: Sequence[Structure],
@@ -399,16 +445,8 @@ def train(
     step, first_epoch, elapsed_before = 0, 0, 0.0
     state_path = Path(workdir) / "train_state.pt" if workdir else None
     if resume:
-        if state_path is None or not state_path.exists():
-            raise FileNotFoundError(f"--resume: no training state at {state_path}")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        forcefield.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        best = state["best"]
-        history = state["history"]
-        step, first_epoch, elapsed_before = state["step"], state["epoch"] + 1, state["minutes"]
-        log(f"resumed from {state_path} after epoch {state['epoch']} ({elapsed_before:.1f} min)")
+        best, history, step, first_epoch, elapsed_before = _load_state(state_path, forcefield, ema, optimizer)
+        log(f"resumed from {state_path} after epoch {first_epoch - 1} ({elapsed_before:.1f} min)")
     log(f"training on {count_by_fidelity(train_set)}, validating on {count_by_fidelity(val_set)}"
         + (f", {world} processes" if world > 1 else ""))
 
@@ -422,9 +460,7 @@ def train(
         f_abs = np.zeros(len(fidelities))
         f_count = np.zeros(len(fidelities))
         for k in range(settings.steps_per_epoch):
-            lr_factor = settings.lr_min_factor + (1 - settings.lr_min_factor) * 0.5 * (
-                1 + math.cos(math.pi * min(step / total_steps, 1.0))
-            )
+            lr_factor = cosine_factor(step, total_steps, settings.lr_min_factor)
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * lr_factor
             if settings.meta == "reptile":
@@ -435,13 +471,8 @@ def train(
             else:
                 picks = rng.choice(len(train_graphs), size=settings.batch_size, p=probabilities)
                 batch = collate([train_graphs[i] for i in picks], dtype)
-                out, e_loss, f_loss, loss = _batch_loss(forcefield, batch, fid_weight, settings, dtype)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if world > 1:
-                    _average_gradients(parameters, world)
-                torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-                optimizer.step()
+                out, e_loss, f_loss = _sgd_step(forcefield, batch, fid_weight, settings, dtype, optimizer,
+                                                parameters, world)
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), forcefield.parameters()):
                     p_ema.lerp_(p, 1 - settings.ema_decay)
@@ -460,10 +491,7 @@ def train(
                 _progress(f"epoch {epoch} step {k}/{settings.steps_per_epoch} train F MAE (meV/Å) {live}")
 
         metrics = evaluate(ema, val_graphs, fidelities)
-        score = sum(
-            settings.energy_weight * m["energy_mae_per_atom"] + settings.forces_weight * m.get("forces_mae", 0.0)
-            for m in metrics.values()
-        )
+        score = validation_score(metrics, settings)
         minutes = (time.perf_counter() - start) / 60
         train_f_mae = {name: float(f_abs[i] / f_count[i]) for i, name in enumerate(fidelities) if f_count[i]}
         record = {
@@ -496,13 +524,7 @@ def train(
                 f"train E {record['train_energy_loss']:.2e} F {record['train_forces_loss']:.2e} | val {summary}")
             if workdir:
                 _append_csv(Path(workdir) / "log.csv", record, fidelities)
-                tmp = state_path.with_suffix(".tmp")
-                torch.save({
-                    "model": forcefield.state_dict(), "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(), "best": best, "history": history,
-                    "step": step, "epoch": epoch, "minutes": minutes,
-                }, tmp)
-                os.replace(tmp, state_path)
+                _save_state(state_path, forcefield, ema, optimizer, best, history, step, epoch, minutes)
         if stop:
             log(stop)
             break
