@@ -317,12 +317,23 @@ def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> st
         )
     rows = card.get("test_errors_by_dataset") or []
     if len(rows) > 1:
+        def test_set(e):
+            if e.get("split_by") == "name":
+                return "held-out molecules"
+            if e.get("train", 0) == 0:  # a test-only dataset: none of its frames is in training
+                return "test-only dataset"
+            return "held-out frames"
+
+        kinds = {(Path(e["path"]).name, e["fidelity"]): test_set(e) for e in recipe["datasets"]}
         lines += ["", "### By dataset", "",
-                  "| dataset | fidelity | n | energy MAE (meV) | energy MAE per atom (meV) | forces MAE (meV/Å) |",
-                  "|---|---|---|---|---|---|"]
+                  "Test set: **held-out molecules** where the dataset is split by name (every frame of those "
+                  "molecules, at every fidelity, out of training), else **held-out frames** of molecules that "
+                  "are in training; **test-only dataset**: a dataset none of whose frames is in training.", "",
+                  "| dataset | fidelity | test set | n | energy MAE (meV) | energy MAE per atom (meV) | forces MAE (meV/Å) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             f_mae = f"{1000 * r['forces_mae']:.1f}" if "forces_mae" in r else "-"
-            lines.append(f"| `{r['dataset']}` | {r['fidelity']} | {r['n']} | {1000 * r['energy_mae']:.2f} | "
+            lines.append(f"| `{r['dataset']}` | {r['fidelity']} | {kinds.get((r['dataset'], r['fidelity']), '-')} | {r['n']} | {1000 * r['energy_mae']:.2f} | "
                          f"{1000 * r['energy_mae_per_atom']:.2f} | {f_mae} |")
     by_molecule = card.get("test_errors_by_molecule") or []
     if by_molecule:
