@@ -162,7 +162,7 @@ class MFModel(ModelInterface):
         fidelity = self._fidelity_of_systems(n_systems)
         pbc = torch.as_tensor(state.pbc, device=positions.device).bool()
         if pbc.ndim == 0:
-            pbc = pbc.expand(3)
+            pbc = pbc.repeat(3)  # a real (3,) tensor: the pair search reads it as one
         periodic = bool(pbc.any())
         cells = state.row_vector_cell  # ASE's convention: one cell vector per row
         counts = torch.bincount(state.system_idx, minlength=n_systems)
