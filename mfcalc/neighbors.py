@@ -191,7 +191,10 @@ def vesin_neighbor_list(
         check_periodic_images(box, pbc, cutoff)
     nl = vesin_torch.NeighborList(cutoff=cutoff, full_list=True)  # public API, TorchScript-ready
     results = nl.compute(
-        points=positions.detach().to(torch.float64), box=box.to(torch.float64), periodic=pbc,
+        # contiguous copies: vesin reads the raw buffers, and an expanded (stride-0) pbc tensor
+        # was read wrongly (4 of 16 pairs found for a small periodic cell)
+        points=positions.detach().to(torch.float64).contiguous(), box=box.to(torch.float64).contiguous(),
+        periodic=pbc.contiguous(),
         quantities="ijS", copy=True,
     )
     edge_index = torch.stack([results[0], results[1]]).to(torch.long)
