@@ -1,0 +1,81 @@
+"""Ship a trained run as a model: copy a `mfcalc train` output directory into models/NAME,
+re-exporting model.pt from its checkpoint with this checkout's code (same weights, same metadata,
+fresh entry hashes) and re-rendering README.md from card.json with this checkout's card layout.
+
+    python models/tools/ship.py runs/chno-mf chno-mf --recipe recipes/chno-mf.yaml [--write]
+
+Without --write it only checks: the checkpoint's weights are the run's model file's weights
+(checksum), and the re-exported file gives the same energies and forces as the run's file on the
+recipe's first test structures (1e-10 eV). Why re-export: a long run exports with the code it
+imported when it started; fixes made meanwhile to the scripted force path (e.g. the neighbor
+search) reach the shipped file this way, with the weights untouched.
+"""
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mfcalc import MFCalculator
+from mfcalc.modelfile import build_forcefield, checksum, export_model, load_checkpoint, read_metadata
+from mfcalc.recipe import card_markdown, load_datasets, read_recipe
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+KEEP = ("checkpoint.pt", "card.json", "log.csv")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a mfcalc train output directory (model.pt, checkpoint.pt, card.json)")
+    parser.add_argument("name", help="models/NAME to write")
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    run = Path(args.run)
+    payload = load_checkpoint(run / "checkpoint.pt")
+    forcefield = build_forcefield(payload["config"], payload["state_dict"])
+    meta = read_metadata(run / "model.pt")
+    if checksum(forcefield.double()) != meta["checksum"]:
+        raise SystemExit(f"{run}/checkpoint.pt does not hold the weights of {run}/model.pt")
+    keep = {k: v for k, v in meta.items() if k in ("aliases", "default_fidelity", "training_data", "test_errors",
+                                                   "domain")}
+    tmp = Path(tempfile.mkdtemp()) / "model.pt"
+    export_model(forcefield, tmp, keep, dtype=torch.float64)
+    recipe = read_recipe(Path(args.recipe).resolve())
+    splits = load_datasets(recipe, Path(args.recipe).resolve().parent)
+    old = MFCalculator(str(run / "model.pt"), dtype="float64")
+    new = MFCalculator(str(tmp), dtype="float64")
+    worst = 0.0
+    for s in splits["test"][:: max(1, len(splits["test"]) // 20)]:
+        from ase import Atoms
+
+        atoms = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
+        for fidelity in meta["fidelities"]:
+            old.fidelity = new.fidelity = fidelity
+            a, b = atoms.copy(), atoms.copy()
+            a.calc, b.calc = old, new
+            worst = max(worst, abs(a.get_potential_energy() - b.get_potential_energy()),
+                        float(np.abs(a.get_forces() - b.get_forces()).max()))
+    print(f"re-exported file vs run's file on {len(splits['test'][:: max(1, len(splits['test']) // 20)])} test "
+          f"structures x {len(meta['fidelities'])} fidelities: largest difference {worst:.2e} (eV, eV/Å)")
+    if worst > 1e-8:
+        raise SystemExit("the re-exported file differs from the run's file: nothing written")
+    if not args.write:
+        return
+    out = ROOT / "models" / args.name
+    out.mkdir(exist_ok=True)
+    shutil.copy(tmp, out / "model.pt")
+    for name in KEEP:
+        if (run / name).exists():
+            shutil.copy(run / name, out / name)
+    card = json.loads((run / "card.json").read_text())
+    (out / "README.md").write_text(card_markdown(args.name, recipe, card))
+    print(f"wrote {out}: model.pt (re-exported), {', '.join(KEEP)}, README.md")
+
+
+if __name__ == "__main__":
+    main()
