@@ -124,8 +124,11 @@ def _say(text: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .recipe import run_recipe
+    from .recipe import finish_run, run_recipe
 
+    if args.finish:
+        finish_run(args.recipe, output=args.output)
+        return
     overrides = {}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
@@ -526,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=positive_int)
     p.add_argument("--max-minutes", type=positive_float)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
+    p.add_argument("--finish", action="store_true",
+                   help="only write model.pt, card.json and README.md of a run whose training ended (OUTPUT/checkpoint.pt)")
     p.add_argument("--meta", choices=["none", "reptile"], help="meta-learned pretraining (fidelities as tasks)")
     p.set_defaults(func=_cmd_train)
 

@@ -33,14 +33,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .data import (
     Structure, read_ase_db, read_extxyz, read_frames_npz, read_gdml_npz, read_rmd17_npz, read_transition1x_json,
     split_indices,
 )
 from .domain import domain_statistics
 from .model import default_config
-from .modelfile import build_forcefield, checksum, export_model, save_checkpoint
+from .modelfile import build_forcefield, checksum, export_model, load_checkpoint, save_checkpoint
 from .training import TrainSettings, distributed_rank_world, evaluate, init_distributed, to_graphs, train
 
 READERS = {
@@ -212,21 +212,48 @@ def run_recipe(
         "date": time.strftime("%Y-%m-%d"),
     }
     save_checkpoint(out_dir / "checkpoint.pt", forcefield, card=json.dumps(card))
+    write_model_files(out_dir, recipe, forcefield, card, summary["history"], splits["train"])
+    log(f"wrote {out_dir / 'model.pt'}")
+    return card
+
+
+def write_model_files(out_dir: Path, recipe: Dict[str, Any], forcefield, card: Dict[str, Any],
+                      history: List[Dict[str, Any]], train_structures: List[Structure]) -> None:
+    """model.pt (float64, with aliases, default fidelity, data provenance, test errors and the
+    training-domain statistics), card.json and README.md of a trained model in ``out_dir``."""
     export_model(
         forcefield,
         out_dir / "model.pt",
         metadata={
             "aliases": card["aliases"],
             "default_fidelity": card["default_fidelity"],
-            "training_data": provenance,
-            "test_errors": test_errors,
+            "training_data": card["training_data"],
+            "test_errors": card["test_errors"],
             # what MFCalculator's out-of-domain signal compares structures with (mfcalc.domain)
-            "domain": domain_statistics(splits["train"], float(config["cutoff"])),
+            "domain": domain_statistics(train_structures, float(forcefield.model.config["cutoff"])),
         },
         dtype=torch.float64,
     )
-    (out_dir / "card.json").write_text(json.dumps(card | {"history": summary["history"]}, indent=1))
+    (out_dir / "card.json").write_text(json.dumps(card | {"history": history}, indent=1))
     (out_dir / "README.md").write_text(card_markdown(out_dir.name, recipe, card))
+
+
+def finish_run(path: str, output: Optional[str] = None, log=print) -> Dict[str, Any]:
+    """Write model.pt, card.json and README.md of a run whose training ended (checkpoint.pt with
+    its card, train_state.pt with its history) but whose export did not, e.g. because the source
+    files changed under a long run (TorchScript compiles from the files on disk)."""
+    recipe_path = Path(path).resolve()
+    recipe = read_recipe(recipe_path)
+    out_dir = Path(output) if output else recipe_path.parent / recipe["output"]
+    payload = load_checkpoint(out_dir / "checkpoint.pt")
+    if "card" not in payload:
+        raise ValueError(f"{out_dir / 'checkpoint.pt'} holds no card: it was not written by run_recipe")
+    card = json.loads(payload["card"])
+    forcefield = build_forcefield(payload["config"], payload["state_dict"]).double()
+    state_path = out_dir / "train_state.pt"
+    history = torch.load(state_path, map_location="cpu", weights_only=True)["history"] if state_path.exists() else []
+    splits = load_datasets(recipe, recipe_path.parent, by_dataset=True)
+    write_model_files(out_dir, recipe, forcefield, card, history, splits["train"])
     log(f"wrote {out_dir / 'model.pt'}")
     return card
 

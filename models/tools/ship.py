@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mfcalc import MFCalculator
-from mfcalc.modelfile import build_forcefield, checksum, export_model, load_checkpoint, read_metadata
+from mfcalc.modelfile import build_forcefield, checksum, export_model, load_checkpoint, read_metadata, save_checkpoint
 from mfcalc.recipe import card_markdown, load_datasets, read_recipe
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("run", help="a mfcalc train output directory (model.pt, checkpoint.pt, card.json)")
     parser.add_argument("name", help="models/NAME to write")
     parser.add_argument("--recipe", required=True)
+    parser.add_argument("--core-clamp-width", type=float,
+                        help="set the short-range clamp width (mfcalc.model) before exporting; it acts only "
+                             "below 0.6 x the sum of covalent radii, so test predictions must not change")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     run = Path(args.run)
@@ -41,6 +44,10 @@ def main() -> None:
     meta = read_metadata(run / "model.pt")
     if checksum(forcefield.double()) != meta["checksum"]:
         raise SystemExit(f"{run}/checkpoint.pt does not hold the weights of {run}/model.pt")
+    if args.core_clamp_width is not None:
+        config = {**payload["config"], "core_clamp_width": args.core_clamp_width}
+        forcefield = build_forcefield(config, payload["state_dict"])
+        print(f"core_clamp_width {payload['config'].get('core_clamp_width')} -> {args.core_clamp_width}")
     keep = {k: v for k, v in meta.items() if k in ("aliases", "default_fidelity", "training_data", "test_errors",
                                                    "domain")}
     tmp = Path(tempfile.mkdtemp()) / "model.pt"
@@ -72,6 +79,9 @@ def main() -> None:
     for name in KEEP:
         if (run / name).exists():
             shutil.copy(run / name, out / name)
+    if args.core_clamp_width is not None:  # the checkpoint carries the config the model file was made with
+        extra = {k: v for k, v in payload.items() if k not in ("mfcalc_version", "config", "state_dict")}
+        save_checkpoint(out / "checkpoint.pt", forcefield.double(), **extra)
     card = json.loads((run / "card.json").read_text())
     (out / "README.md").write_text(card_markdown(args.name, recipe, card))
     print(f"wrote {out}: model.pt (re-exported), {', '.join(KEEP)}, README.md")
