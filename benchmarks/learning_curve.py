@@ -41,15 +41,16 @@ def run(args) -> None:
     from mfcalc.finetune import finetune_settings
 
     script = str(ROOT / "benchmarks" / "rmd17.py")
+    options = json.loads(args.scratch_options) if args.scratch_options else None
     for n in args.n:
-        if n not in rows_for(args.molecule, f"curve-ft-{args.base}"):
+        if not args.scratch_only and n not in rows_for(args.molecule, f"curve-ft-{args.base}"):
             subprocess.run([sys.executable, script, "--molecules", args.molecule, "--n", str(n), "--base", args.base,
                             "--tag", f"curve-ft-{args.base}"], check=True)
         if n not in rows_for(args.molecule, "curve-scratch"):
             s = finetune_settings(n, "full")  # rmd17.py's epoch = n // batch steps: match the step budget
             epochs = max(1, (s.epochs * s.steps_per_epoch) // max(1, n // s.batch_size))
             subprocess.run([sys.executable, script, "--molecules", args.molecule, "--n", str(n),
-                            "--model-options", json.dumps(scratch_options(args.base)), "--epochs", str(epochs),
+                            "--model-options", json.dumps(options or scratch_options(args.base)), "--epochs", str(epochs),
                             "--batch-size", str(s.batch_size), "--lr", str(s.lr),
                             "--energy-weight", str(s.energy_weight), "--tag", "curve-scratch"], check=True)
 
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--molecule", default="naphthalene")
     parser.add_argument("--n", type=int, nargs="+", default=[10, 25, 50, 100, 200])
     parser.add_argument("--base", default="chno-mf")
+    parser.add_argument("--scratch-only", action="store_true", help="only the from-scratch rows")
+    parser.add_argument("--scratch-options", help="JSON network options for scratch (default: the base's)")
     args = parser.parse_args()
     if args.action == "run":
         run(args)
