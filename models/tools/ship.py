@@ -8,7 +8,9 @@ Without --write it only checks: the checkpoint's weights are the run's model fil
 (checksum), and the re-exported file gives the same energies and forces as the run's file on the
 recipe's first test structures (1e-10 eV). Why re-export: a long run exports with the code it
 imported when it started; fixes made meanwhile to the scripted force path (e.g. the neighbor
-search) reach the shipped file this way, with the weights untouched.
+search) reach the shipped file this way, with the weights untouched. ``--core`` re-sets the
+short-range core (refused if a training pair lies inside it). README.md is re-rendered from the
+card: hand-written sections below the generated card (models/*/README.md) must be added again.
 """
 
 import argparse
@@ -28,6 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 KEEP = ("checkpoint.pt", "card.json", "log.csv")
 
 
+def closest_ratio(domain: dict):
+    """The smallest training pair distance / (sum of covalent radii) in a model's domain statistics."""
+    from ase.data import covalent_radii
+
+    ratios = [d / (covalent_radii[int(a)] + covalent_radii[int(b)])
+              for pair, d in domain.get("pair_min_distance", {}).items() for a, b in [pair.split("-")]]
+    return min(ratios) if ratios else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a mfcalc train output directory (model.pt, checkpoint.pt, card.json)")
@@ -36,6 +47,9 @@ def main() -> None:
     parser.add_argument("--core-clamp-width", type=float,
                         help="set the short-range clamp width (mfcalc.model) before exporting; it acts only "
                              "below 0.6 x the sum of covalent radii, so test predictions must not change")
+    parser.add_argument("--core", default=None,
+                        help='JSON of short-range settings to set, e.g. \'{"core_radius_factor": 0.65}\'; '
+                             "refused if any training pair lies inside the new switch radius")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     run = Path(args.run)
@@ -44,10 +58,20 @@ def main() -> None:
     meta = read_metadata(run / "model.pt")
     if checksum(forcefield.double()) != meta["checksum"]:
         raise SystemExit(f"{run}/checkpoint.pt does not hold the weights of {run}/model.pt")
+    core = json.loads(args.core) if args.core else {}
     if args.core_clamp_width is not None:
-        config = {**payload["config"], "core_clamp_width": args.core_clamp_width}
+        core["core_clamp_width"] = args.core_clamp_width
+    if set(core) - {"core_radius_factor", "core_switch_factor", "core_inner_factor", "core_clamp_width"}:
+        raise SystemExit(f"--core takes only short-range settings, got {sorted(core)}")
+    if core:
+        config = {**payload["config"], **core}
+        outer = max(config["core_switch_factor"], config["core_radius_factor"])
+        ratio = closest_ratio(meta.get("domain", {}))
+        if ratio is not None and ratio <= outer:
+            raise SystemExit(f"a training pair lies at {ratio:.3f} x the covalent radii, inside the new core ({outer})")
         forcefield = build_forcefield(config, payload["state_dict"])
-        print(f"core_clamp_width {payload['config'].get('core_clamp_width')} -> {args.core_clamp_width}")
+        changes = ", ".join(f"{k}: {payload['config'].get(k)} -> {v}" for k, v in core.items())
+        print(f"short range {changes}; closest training pair {ratio:.3f} x the covalent radii")
     keep = {k: v for k, v in meta.items() if k in ("aliases", "default_fidelity", "training_data", "test_errors",
                                                    "domain")}
     tmp = Path(tempfile.mkdtemp()) / "model.pt"
@@ -79,7 +103,7 @@ def main() -> None:
     for name in KEEP:
         if (run / name).exists():
             shutil.copy(run / name, out / name)
-    if args.core_clamp_width is not None:  # the checkpoint carries the config the model file was made with
+    if core:  # the checkpoint carries the config the model file was made with
         extra = {k: v for k, v in payload.items() if k not in ("mfcalc_version", "config", "state_dict")}
         save_checkpoint(out / "checkpoint.pt", forcefield.double(), **extra)
     card = json.loads((run / "card.json").read_text())
