@@ -27,19 +27,10 @@ from common import interleaved_times
 from mfcalc import Potential, ReplicaMD
 from mfcalc.modelfile import DEFAULT_MODEL
 from mfcalc.torchsim import MFModel
-from mfcalc.workflows import thermalize
+from mfcalc.workflows import thermalized_copies
 
 RESULTS = Path(__file__).parent / "results"
 FRICTION = 0.01  # 1/fs, ReplicaMD's default; TorchSim's gamma is the same rate in its units
-
-
-def ethanol_replicas(n):
-    replicas = []
-    for k in range(n):
-        atoms = molecule("CH3CH2OH")
-        thermalize(atoms, 300, np.random.default_rng(k))
-        replicas.append(atoms)
-    return replicas
 
 
 class TorchSimRun:
@@ -77,7 +68,7 @@ def main():
     potential = Potential.load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     fidelity = potential.resolve_fidelity(args.fidelity)
     model = MFModel(potential, fidelity=fidelity, compute_stress=False)
-    replicas = ethanol_replicas(args.replicas)
+    replicas = thermalized_copies(molecule("CH3CH2OH"), args.replicas, 300)
     n_atoms = args.replicas * len(replicas[0])
     gamma = torch.tensor(FRICTION / units.fs, dtype=model.dtype, device=model.device)
     runs = {

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT / "data" / "cc_avtz"  # copied from ../shared/data/cc_avtz (see its README)
+CC_AVTZ = ROOT / "data" / "cc_avtz"  # copied from ../shared/data/cc_avtz (see its README)
 
 from mfcalc.data import read_gdml_npz
 from mfcalc.model import default_config
@@ -40,7 +40,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def level(molecule: str, fidelity: str):
     tag = {MP2: "mp2", CC: "ccsd_t"}[fidelity]
-    path = SHARED / f"{molecule}_{tag}_avtz.npz"
+    path = CC_AVTZ / f"{molecule}_{tag}_avtz.npz"
     return read_gdml_npz(path, fidelity=fidelity, energy_unit="eV")  # already eV and eV/Å
 
 

@@ -41,6 +41,17 @@ def thermalize(atoms: Atoms, temperature: float, rng: np.random.Generator) -> No
     vd.Stationary(atoms)
 
 
+def thermalized_copies(atoms: Atoms, n: int, temperature: float, seed: int = 0) -> List[Atoms]:
+    """``n`` copies of ``atoms``, copy k with Maxwell-Boltzmann momenta drawn from seed ``seed + k``
+    (replica MD, TorchSim batches, benchmarks)."""
+    copies = []
+    for k in range(n):
+        copy = atoms.copy()
+        thermalize(copy, temperature, np.random.default_rng(seed + k))
+        copies.append(copy)
+    return copies
+
+
 def langevin(atoms: Atoms, timestep: float, temperature: float, friction: float, rng: np.random.Generator):
     """ASE Langevin (``timestep`` fs, ``friction`` 1/fs) that keeps the centre of mass fixed the
     way ASE >= 3.28 recommends: a FixCom constraint (added to ``atoms`` if missing), not the

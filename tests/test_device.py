@@ -19,6 +19,8 @@ from ase.md.verlet import VelocityVerlet
 from mfcalc import MFCalculator, predict
 from mfcalc.workflows import thermalize
 
+from helpers import numeric_forces, numeric_stress
+
 DEVICE = os.environ.get("MFCALC_TEST_DEVICE", "cpu")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
     pytest.skip(f"MFCALC_TEST_DEVICE={DEVICE} but this torch sees no CUDA device", allow_module_level=True)
@@ -26,20 +28,6 @@ if DEVICE.startswith("cuda") and not torch.cuda.is_available():
 
 def on_device(model, **kwargs):
     return MFCalculator(model, dtype="float64", device=DEVICE, **kwargs)
-
-
-def numeric_forces(atoms, calc, h=1e-5):
-    numeric = np.zeros((len(atoms), 3))
-    for a in range(len(atoms)):
-        for k in range(3):
-            energies = []
-            for sign in (1, -1):
-                displaced = atoms.copy()
-                displaced.positions[a, k] += sign * h
-                displaced.calc = calc
-                energies.append(displaced.get_potential_energy())
-            numeric[a, k] = -(energies[0] - energies[1]) / (2 * h)
-    return numeric
 
 
 @pytest.mark.parametrize("structure", ["ethanol", "silicon_small_cell"])
@@ -56,22 +44,9 @@ def test_stress_is_finite_strain_derivative_on_device(tiny_model, silicon_small_
     atoms = silicon_small_cell
     atoms.calc = on_device(tiny_model, fidelity="low")
     stress = atoms.get_stress(voigt=False)
-    volume, h = atoms.get_volume(), 1e-5
-    numeric = np.zeros((3, 3))
-    for a in range(3):
-        for b in range(3):
-            energies = []
-            for sign in (1, -1):
-                strain = np.eye(3)
-                strain[a, b] += sign * h
-                strained = atoms.copy()
-                strained.set_cell(atoms.cell.array @ strain, scale_atoms=False)
-                strained.positions = atoms.positions @ strain
-                strained.calc = on_device(tiny_model, fidelity="low")
-                energies.append(strained.get_potential_energy())
-            numeric[a, b] = (energies[0] - energies[1]) / (2 * h) / volume
+    numeric = numeric_stress(atoms, on_device(tiny_model, fidelity="low"))
     assert np.abs(stress).max() > 1e-4
-    np.testing.assert_allclose(stress, 0.5 * (numeric + numeric.T), atol=1e-7)
+    np.testing.assert_allclose(stress, numeric, atol=1e-7)
 
 
 @pytest.mark.parametrize("structure", ["ethanol", "silicon_small_cell"])

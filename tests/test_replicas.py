@@ -7,7 +7,7 @@ from ase.build import bulk, molecule
 from ase.md.verlet import VelocityVerlet
 
 from mfcalc import MFCalculator, ReplicaMD, predict
-from mfcalc.workflows import thermalize
+from mfcalc.workflows import thermalized_copies
 
 
 def test_batch_equals_one_by_one(tiny_model):
@@ -28,11 +28,7 @@ def test_batch_equals_one_by_one(tiny_model):
 
 
 def test_replica_velocity_verlet_matches_ase(tiny_model, tmp_path):
-    replicas = []
-    for seed in range(3):
-        atoms = molecule("CH3CH2OH")
-        thermalize(atoms, 300, np.random.default_rng(seed))
-        replicas.append(atoms)
+    replicas = thermalized_copies(molecule("CH3CH2OH"), 3, 300)
     md = ReplicaMD(tiny_model, replicas, fidelity="low", timestep=0.5, friction=0.0, dtype="float64", device="cpu")
     md.run(20, trajectory=str(tmp_path / "rep{k}.traj"), interval=10)
     for k in (0, 2):
@@ -70,11 +66,7 @@ def test_replicas_reject_mixed_sizes_and_cells(tiny_model):
 def test_compiled_replicas_follow_the_same_trajectory(tiny_model):
     """ReplicaMD with a compile=True calculator (dense fused graph, replicas in chunks) gives
     the trajectory of the TorchScript path (pair list, all replicas in one call)."""
-    replicas = []
-    for seed in range(2):
-        atoms = molecule("CH3CH2OH")
-        thermalize(atoms, 300, np.random.default_rng(seed))
-        replicas.append(atoms)
+    replicas = thermalized_copies(molecule("CH3CH2OH"), 2, 300)
     runs = []
     for compile in (False, True):
         calc = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu", compile=compile)

@@ -11,7 +11,7 @@ ts = pytest.importorskip("torch_sim")
 
 from mfcalc import MFCalculator, Potential, ReplicaMD  # noqa: E402
 from mfcalc.torchsim import MFModel  # noqa: E402
-from mfcalc.workflows import thermalize  # noqa: E402
+from mfcalc.workflows import thermalized_copies  # noqa: E402
 
 TOL = 1e-8  # eV, eV/Å, eV/Å^3 (float64)
 
@@ -105,20 +105,11 @@ def test_refuses_unknown_elements_wrong_dtype_and_fidelity(tiny_model):
         MFModel(tiny_model, fidelity="CCSD(T)", device="cpu")
 
 
-def ethanol_replicas(n):
-    replicas = []
-    for seed in range(n):
-        atoms = molecule("CH3CH2OH")
-        thermalize(atoms, 300, np.random.default_rng(seed))
-        replicas.append(atoms)
-    return replicas
-
-
 def test_torchsim_nve_matches_replica_md_and_langevin_runs():
     """ethanol-mf, 3 ethanol replicas: TorchSim's velocity Verlet from the same velocities as
     ReplicaMD (friction 0) follows the same trajectory and conserves energy; TorchSim's
     Langevin integrator (ts.integrate) runs and stays finite."""
-    replicas = ethanol_replicas(3)
+    replicas = thermalized_copies(molecule("CH3CH2OH"), 3, 300)
     model = MFModel("ethanol-mf", fidelity="CCSD(T)/cc-pVTZ", device="cpu", dtype="float64")
     dt = torch.tensor(0.5 * units.fs, dtype=model.dtype)  # ASE's time unit = TorchSim's internal one
     init, update = ts.nve(model=model, dt=dt, kT=torch.tensor(300 * units.kB, dtype=model.dtype))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ase import Atoms
 
 from mfcalc import MFCalculator
 from mfcalc.modelfile import build_forcefield, checksum, export_model, load_checkpoint, read_metadata, save_checkpoint
@@ -44,9 +45,6 @@ def main() -> None:
     parser.add_argument("run", help="a mfcalc train output directory (model.pt, checkpoint.pt, card.json)")
     parser.add_argument("name", help="models/NAME to write")
     parser.add_argument("--recipe", required=True)
-    parser.add_argument("--core-clamp-width", type=float,
-                        help="set the short-range clamp width (mfcalc.model) before exporting; it acts only "
-                             "below 0.6 x the sum of covalent radii, so test predictions must not change")
     parser.add_argument("--core", default=None,
                         help='JSON of short-range settings to set, e.g. \'{"core_radius_factor": 0.65}\'; '
                              "refused if any training pair lies inside the new switch radius")
@@ -59,8 +57,6 @@ def main() -> None:
     if checksum(forcefield.double()) != meta["checksum"]:
         raise SystemExit(f"{run}/checkpoint.pt does not hold the weights of {run}/model.pt")
     core = json.loads(args.core) if args.core else {}
-    if args.core_clamp_width is not None:
-        core["core_clamp_width"] = args.core_clamp_width
     if set(core) - {"core_radius_factor", "core_switch_factor", "core_inner_factor", "core_clamp_width"}:
         raise SystemExit(f"--core takes only short-range settings, got {sorted(core)}")
     if core:
@@ -82,8 +78,6 @@ def main() -> None:
     new = MFCalculator(str(tmp), dtype="float64")
     worst = 0.0
     for s in splits["test"][:: max(1, len(splits["test"]) // 20)]:
-        from ase import Atoms
-
         atoms = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
         for fidelity in meta["fidelities"]:
             old.fidelity = new.fidelity = fidelity
