@@ -31,7 +31,7 @@ DOMAIN_CHECK_EVERY = 100  # force calls between out-of-domain checks of an uncha
 # the per-atom arrays whose change invalidates results (ASE's all_changes less cell and pbc)
 ARRAY_CHANGES = [name for name in all_changes if name not in ("cell", "pbc")]
 _parse_dtype, _parse_device = parse_dtype, parse_device  # their names before mfcalc.potential
-LOAD_DEFAULTS = {"device": "auto", "dtype": None, "neighbor_list": "auto", "compile": False, "threads": "auto"}
+LOAD_DEFAULTS = {"device": "auto", "dtype": None, "neighbor_list": "auto", "compile": None, "threads": "auto"}
 
 
 def _differ(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
@@ -117,10 +117,14 @@ class MFCalculator(Calculator):
     device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``.
     dtype: ``"float32"``, ``"float64"`` or None for the dtype the model was exported in.
     neighbor_list: ``"auto"``, ``"dense"``, ``"vesin"`` or ``"torch-cluster"``.
-    compile: compile energy and forces together with ``torch.compile`` instead of running the
-        TorchScript file (opt-in: the first call takes tens of seconds to compile, cached on
-        disk for later runs; then about twice as fast for small molecules on CPU, see
-        benchmarks/md_speed.py).
+    compile: ``"auto"`` (default): the TorchScript file from the first call, and for small
+        molecules (non-periodic, up to ``compiled.DENSE_GRAPH_MAX_ATOMS`` atoms, CPU) a
+        background thread that compiles energy and forces into one graph once a run has spent a
+        second in force calls, checks it against the TorchScript file and then switches to it
+        (about 4x fewer ms per step; ``calc.potential.compile_status()`` says where it is;
+        mfcalc.autocompile). ``True``: the compiled graph from the first call, which then takes
+        30-40 s (cached on disk for later runs). ``False``: TorchScript only. None takes the
+        default, which ``MFCALC_COMPILE=0/1/auto`` in the environment can change.
     threads: intra-op threads of each force call (mfcalc.threads): ``"auto"`` (default) runs
         systems of fewer than ``threads.SINGLE_THREAD_BELOW`` atoms on one thread and larger
         ones on torch's thread count, lowered to the cores other processes leave free, so a busy
@@ -165,7 +169,7 @@ class MFCalculator(Calculator):
         device: Union[str, torch.device] = "auto",
         dtype: Union[None, str, torch.dtype] = None,
         neighbor_list: str = "auto",
-        compile: bool = False,
+        compile: Union[None, bool, str] = None,
         allow_unsupported_state: bool = False,
         check_domain: bool = True,
         threads: Union[None, int, str] = "auto",

@@ -308,6 +308,14 @@ def thread_count(text: str):
     return value
 
 
+def compile_choice(text: str):
+    """--compile auto|yes|no -> "auto", True, False."""
+    table = {"auto": "auto", "yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
+    if text.lower() not in table:
+        raise argparse.ArgumentTypeError(f"must be auto, yes or no, got {text!r}")
+    return table[text.lower()]
+
+
 def _cmd_md(args: argparse.Namespace) -> None:
     from .workflows import run_md
 
@@ -636,9 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
     threads(p)
-    p.add_argument("--compile", action="store_true",
-                   help="compile the force path (torch.compile): ~30-45 s once, then 2-4x fewer ms per "
-                        "step for small molecules on CPU; worth it for runs longer than ~10^4 steps")
+    p.add_argument("--compile", nargs="?", const=True, default=None, type=compile_choice,
+                   metavar="{auto,yes,no}",
+                   help="force path: 'auto' (default) runs TorchScript at once and switches small molecules "
+                        "to a graph compiled in the background; bare --compile or 'yes' compiles before the "
+                        "first step (~30-40 s, then ~4x fewer ms per step on CPU); 'no': TorchScript only")
     p.add_argument("--no-guard", action="store_true",
                    help="let bonds break and atoms leave (the energy, force and temperature checks stay on)")
     force(p)

@@ -108,6 +108,11 @@ class Pairs(NamedTuple):
     j: Tensor
     dense: bool
     mask: Optional[Tensor]
+    # dense only: (N*N,) index of each (i, j) into the P = N(N-1)/2 pairs i < j (the diagonal
+    # points at P, a row of zeros). The radial filters are functions of the distance alone, the
+    # same for (i, j) and (j, i): they are evaluated on the P pairs once and unfolded, which
+    # halves the largest matrix products of the network (mirror_index).
+    mirror: Optional[Tensor] = None
 
 
 def gather(x: Tensor, pairs: Pairs) -> Tensor:
@@ -115,6 +120,28 @@ def gather(x: Tensor, pairs: Pairs) -> Tensor:
     if pairs.dense:
         return x.unsqueeze(1)
     return x.index_select(0, pairs.j)
+
+
+def mirror_index(n_atoms: int, device: torch.device) -> Tensor:
+    """The (N*N,) index of every ordered pair (i, j) into the P = N(N-1)/2 pairs i < j in
+    ``torch.triu_indices`` order (both orders share one entry; the diagonal gets P)."""
+    upper = torch.triu_indices(n_atoms, n_atoms, 1, device=device)
+    p = upper.shape[1]
+    index = torch.full((n_atoms * n_atoms,), p, dtype=torch.long, device=device)
+    order = torch.arange(p, device=device)
+    index = index.index_put((upper[0] * n_atoms + upper[1],), order)
+    return index.index_put((upper[1] * n_atoms + upper[0],), order)
+
+
+def unfold(w: Tensor, pairs: Pairs) -> Tensor:
+    """(R, P, C) values of the pairs i < j -> (R, N, N, C) for every ordered pair (zero on the diagonal)."""
+    mirror = pairs.mirror
+    if mirror is None:
+        return w
+    r, c = w.shape[0], w.shape[-1]
+    n = pairs.i.shape[-1]
+    padded = torch.cat([w, torch.zeros((r, 1, c), dtype=w.dtype, device=w.device)], dim=1)
+    return padded.index_select(1, mirror).view(r, n, n, c)
 
 
 def accumulate(x: Tensor, message: Tensor, pairs: Pairs) -> Tensor:
@@ -177,6 +204,7 @@ class Interaction(nn.Module):
         w = self.filter(basis)
         if self.filter_envelope:  # the bias too must vanish at the cutoff (PaiNN: W(r) fcut(r))
             w = w * envelope
+        w = unfold(w, pairs)  # dense: the filters of the pairs i < j to every ordered pair
         mask = pairs.mask
         if mask is not None:
             w = w * mask.unsqueeze(-1)
@@ -341,7 +369,8 @@ class MultiFidelityPaiNN(nn.Module):
         # the diagonal gets distance 1 instead of 0: finite everywhere (also in the gradient), masked
         r = torch.sqrt((vectors * vectors).sum(-1) + eye)
         interacting = (r < self.cutoff) & (eye == 0)
-        pairs = Pairs(species, species, True, interacting.to(positions.dtype))
+        pairs = Pairs(species, species, True, interacting.to(positions.dtype),
+                      mirror_index(n_atoms, positions.device))
         fid_atoms = fidelity.unsqueeze(1).expand(species.shape[0], n_atoms)
         energies = self.atom_energies(species, fid_atoms, pairs, vectors, r, species.unsqueeze(2),
                                       species.unsqueeze(1))
@@ -361,7 +390,7 @@ class MultiFidelityPaiNN(nn.Module):
             r_learned = self._clamped(r, self.core_radius_factor * core, self.core_clamp_width)
         else:
             r_learned = r
-        basis, envelope = self.radial(r_learned)
+        basis, envelope = self.radial(self._filter_distances(r_learned, pairs))
         f = self.fidelity_embedding(fidelity)
 
         s = self.species_embedding(species)
@@ -387,6 +416,16 @@ class MultiFidelityPaiNN(nn.Module):
         if use_core:
             energies = accumulate(energies, self._core_repulsion(r, core, species_i, species_j, pairs), pairs)
         return energies
+
+    @staticmethod
+    def _filter_distances(r: Tensor, pairs: Pairs) -> Tensor:
+        """The distances the radial filters see: dense, those of the pairs i < j (R, P)."""
+        mirror = pairs.mirror
+        if mirror is None:
+            return r
+        n = r.shape[-1]
+        upper = torch.triu_indices(n, n, 1, device=r.device)
+        return r[:, upper[0], upper[1]]
 
     def _core_reached(self, r: Tensor, core: Tensor) -> bool:
         """Whether the core terms can differ from zero. Inside a TorchScript file on a CPU they are

@@ -4,7 +4,8 @@
     prepared = potential.prepare(atoms)              # every check, once, in one place
     out = potential.evaluate(prepared, potential.fidelity_index("CCSD(T)"))
 
-A ``Potential`` owns the scripted module (and the compiled one with ``compile=True``), the
+A ``Potential`` owns the scripted module (and the compiled one: with ``compile=True`` from the
+start, with ``compile="auto"``, the default, built in the background by mfcalc.autocompile), the
 metadata, device, dtype, neighbor-list choice, thread policy and the fidelity name <-> index
 mapping. ``prepare`` turns a structure into an immutable ``PreparedStructure`` (tensors on the
 device) after checking it; ``evaluate`` (one structure), ``evaluate_batch`` (a flat batch, one
@@ -19,6 +20,7 @@ every entry point refuses exactly the same structures with the same words.
 import contextlib
 import difflib
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 from ase import Atoms
 from ase.data import chemical_symbols
 
+from .autocompile import AutoCompiler, parse_compile
 from .batching import flat_batch
 from .compiled import DENSE_GRAPH_MAX_ATOMS, CompiledForceField
 from .modelfile import DEFAULT_MODEL, ModelFileError, build_forcefield, load_model
@@ -360,17 +363,25 @@ class Potential:
     file's checksum(s); the copy reloads the file and refuses a changed one.
     """
 
-    def __init__(self, module, metadata: Dict[str, Any], device: torch.device, *, compile: bool = False,
-                 neighbor_list: str = "auto", threads: Union[None, int, str] = "auto"):
+    def __init__(self, module, metadata: Dict[str, Any], device: torch.device, *,
+                 compile: Union[None, bool, str] = None, neighbor_list: str = "auto",
+                 threads: Union[None, int, str] = "auto"):
         if neighbor_list not in BACKENDS:
             raise ValueError(f"neighbor_list must be one of {BACKENDS}, got {neighbor_list!r}")
+        compile = parse_compile(compile)
         self.lock = threading.RLock()
         self.scripted = module
         self.metadata = metadata
         self.device = device
         self.dtype: torch.dtype = next(module.parameters()).dtype
-        self.compiled = bool(compile)
-        self.module = self._compile(module) if compile else module  # what the force calls run
+        self.compile_mode = compile  # True, False or "auto"
+        self.compiled = compile is True
+        self.module = self._compile(module) if self.compiled else module  # what the force calls run
+        # compile="auto": TorchScript now, the compiled graph once it is ready (mfcalc.autocompile)
+        self.auto: Optional[AutoCompiler] = (
+            AutoCompiler(lambda: self._compile(self.scripted), module, device, self.dtype,
+                         threads=lambda n_atoms: self.thread_policy.limit(n_atoms))
+            if compile == "auto" else None)
         self.neighbor_backend = neighbor_list
         self.threads = threads
         self.thread_policy = ThreadPolicy(threads)
@@ -389,15 +400,18 @@ class Potential:
         model: Union[str, Path] = DEFAULT_MODEL,
         device: Union[str, torch.device] = "auto",
         dtype: Union[None, str, torch.dtype] = None,
-        compile: bool = False,
+        compile: Union[None, bool, str] = None,
         neighbor_list: str = "auto",
         threads: Union[None, int, str] = "auto",
     ) -> "Potential":
         """Load ``model`` (a shipped model name, a directory holding ``model.pt``, or a ``.pt``
         file) on ``device`` ("auto": CUDA when available) in ``dtype`` (None: the file's own).
-        ``compile=True`` compiles energy + forces (+ stress) with torch.compile (the first call
-        of each variant takes tens of seconds). ``neighbor_list``: "auto", "dense", "vesin" or
-        "torch-cluster". ``threads``: see ``mfcalc.threads``."""
+        ``compile``: "auto" (the default; ``MFCALC_COMPILE`` in the environment can change it)
+        runs the TorchScript file at once and switches small molecules to the compiled graph
+        when a background thread has built and checked it (mfcalc.autocompile); True compiles
+        energy + forces (+ stress) with torch.compile at the first call of each variant (tens of
+        seconds); False runs the TorchScript file only. ``neighbor_list``: "auto", "dense",
+        "vesin" or "torch-cluster". ``threads``: see ``mfcalc.threads``."""
         if neighbor_list not in BACKENDS:
             raise ValueError(f"neighbor_list must be one of {BACKENDS}, got {neighbor_list!r}")
         device = parse_device(device)
@@ -418,7 +432,7 @@ class Potential:
     def load_arguments(self) -> Dict[str, Any]:
         """The ``Potential.load`` arguments that load this potential again (model by absolute path)."""
         return {"model": str(Path(self.metadata["path"]).resolve()), "device": str(self.device),
-                "dtype": str(self.dtype).replace("torch.", ""), "compile": self.compiled,
+                "dtype": str(self.dtype).replace("torch.", ""), "compile": self.compile_mode,
                 "neighbor_list": self.neighbor_backend, "threads": self.threads}
 
     def checksums(self) -> Dict[str, Any]:
@@ -426,7 +440,20 @@ class Potential:
 
     def __repr__(self) -> str:
         return (f"Potential({self.path!r}, device={str(self.device)!r}, dtype={str(self.dtype)[6:]!r}, "
-                f"compile={self.compiled}, fidelities={self.fidelities})")
+                f"compile={self.compile_mode!r}, fidelities={self.fidelities})")
+
+    def compile_status(self) -> Dict[int, Dict[str, Any]]:
+        """With compile="auto": atom count -> state of its background compilation ("waiting",
+        "compiling", "ready", "failed" with a reason), force-call seconds so far and compile
+        seconds. Empty otherwise."""
+        return self.auto.status() if self.auto is not None else {}
+
+    def wait_for_compile(self, timeout: Optional[float] = None) -> Dict[int, Dict[str, Any]]:
+        """With compile="auto": block until the background compilations started so far have
+        finished; returns ``compile_status()``."""
+        if self.auto is not None:
+            self.auto.wait(timeout)
+        return self.compile_status()
 
     # ------------------------------------------------------------------ processes
     def __getstate__(self) -> Dict[str, Any]:
@@ -554,8 +581,17 @@ class Potential:
         with self.lock, self.force_call(prepared.n_atoms):
             if forces or stress:
                 edges = self.pairs(prepared) if prepared.backend == "torch-cluster" else None
-                out = self.module.compute(prepared.positions, prepared.numbers, prepared.cell, prepared.pbc,
-                                          fidelity, stress, prepared.backend, edges)
+                module, auto = self.module, False
+                if self.auto is not None and edges is None and AutoCompiler.eligible(
+                        prepared.n_atoms, prepared.periodic, prepared.backend, stress):
+                    module = self.auto.module_for(prepared.n_atoms)
+                    auto = module is self.scripted
+                start = time.perf_counter()
+                out = module.compute(prepared.positions, prepared.numbers, prepared.cell, prepared.pbc,
+                                     fidelity, stress, prepared.backend, edges)
+                if auto:  # a TorchScript call that the compiled graph could take over
+                    self.auto.record(prepared.n_atoms, time.perf_counter() - start,
+                                     (prepared.positions, prepared.numbers, prepared.cell, prepared.pbc, fidelity))
             else:
                 out = self._forward([prepared], [fidelity], [self.pairs(prepared)], False, False)
                 out["energy"] = out["energy"][0]

@@ -169,7 +169,7 @@ def run_md(
     structure, model: str = DEFAULT_MODEL, fidelity: Optional[str] = None,
     temperature: float = 300.0, steps: int = 1000, timestep: float = 0.5,
     out: str = "md.traj", friction: float = 0.01, seed: int = 0, interval: int = 10,
-    dtype: Optional[str] = None, device: str = "auto", log=None, compile: bool = False,
+    dtype: Optional[str] = None, device: str = "auto", log=None, compile=None,
     overwrite: bool = True, guard: bool = True, check_geometry: bool = True, threads="auto",
 ) -> Atoms:
     """Langevin NVT; writes every ``interval``-th frame to ``out`` (.traj, .xyz or .extxyz; checked
@@ -178,8 +178,8 @@ def run_md(
     ``guard``: an :class:`~mfcalc.mdguard.MDGuard` checks every step and stops a run that goes
     unphysical with :class:`~mfcalc.mdguard.MDInstabilityError` (the trajectory written so far
     is kept; ``check_geometry=False`` allows bonds to break). ``overwrite=False`` refuses an
-    existing ``out``. ``compile=True`` runs the compiled force path and ``threads`` sets the
-    thread policy (see MFCalculator). ``log``:
+    existing ``out``. ``compile`` (True, False, "auto"; None: the default) and ``threads``
+    choose the force path and the thread policy (see MFCalculator). ``log``:
     where progress goes (default stdout)."""
     from .calculator import MFCalculator
     from .mdguard import MDGuard, MDInstabilityError, hint
@@ -191,7 +191,7 @@ def run_md(
     atoms = read_structure(structure) if isinstance(structure, str) else structure
     atoms.calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device, compile=compile,
                               threads=threads)
-    if compile:
+    if compile is True:
         compile_notice(atoms)
     atoms.get_forces()  # errors of the input structure surface here, as themselves
     rng = np.random.default_rng(seed)

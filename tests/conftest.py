@@ -4,9 +4,15 @@ Physics tests (forces = -grad E, stress, invariances, TorchScript == eager) hold
 so they use this small model and run in seconds; tests of the shipped model load models/.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# compile="auto" (the default) would start background compilations during long tests and slow
+# the suite; tests/test_autocompile.py asks for it explicitly
+os.environ.setdefault("MFCALC_COMPILE", "0")
 
 from mfcalc.model import default_config
 from mfcalc.modelfile import build_forcefield, export_model
