@@ -6,7 +6,9 @@ in the same interleaved rounds, with each size's forces MAE from the rMD17 bench
 
 Every size is built with random weights (speed does not depend on weight values), exported to a
 TorchScript model file like a trained one and run through MFCalculator's default path (float32,
-neighbor list auto, thread policy auto). MACE-OFF small as in peers.py. Writes a markdown table and
+neighbor list auto, thread policy auto, compile="auto": timed after its background compilation
+has switched the molecule to the compiled graph, the steady state of any run longer than a few
+seconds). MACE-OFF small as in peers.py. Writes a markdown table and
 a PNG (ms/step vs forces MAE) to benchmarks/results/.
 """
 
@@ -29,7 +31,7 @@ from mfcalc.modelfile import build_forcefield, export_model
 RESULTS = Path(__file__).parent / "results"
 # name -> (model options on top of default_config, rMD17 tags whose ethanol/benzene N=50 rows it made)
 SIZES = {
-    "mfcalc l=1 (default until v0.3)": ({}, ["ew1-lr5e-3", "base-e1000-lr5e-3"]),
+    "mfcalc l=1 (shipped models until 0.2)": ({}, ["ew1-lr5e-3", "base-e1000-lr5e-3"]),
     "mfcalc l=1 + radial MLP": ({"radial_mlp": 64}, ["ew1-rmlp64"]),
     "mfcalc l=2 + radial MLP": ({"radial_mlp": 64, "max_l": 2}, ["ew1-lr5e-3-rmlp64-l2", "ew1-rmlp64-l2"]),
 }
@@ -87,7 +89,8 @@ def main():
     lines = [
         "# Accuracy vs speed (`python benchmarks/pareto.py`)",
         "",
-        f"{platform.machine()}, torch {torch.__version__}, CPU, default thread policy (1 thread below 24 atoms); "
+        f"{platform.machine()}, torch {torch.__version__}, CPU, default path (compile='auto', timed after its "
+        "background compilation switched over; thread policy auto: 1 thread below 24 atoms); "
         "float32, ms per Velocity-Verlet step through ASE, median of interleaved rounds, every row of a "
         "system in the same rounds. Forces MAE (meV/Å): rMD17, N = 50 from scratch "
         "(benchmarks/results/rmd17/rmd17.md; MACE as published).",
