@@ -59,6 +59,7 @@ class LoadMonitor:
         except AttributeError:
             pass
         self._last = self._sample()
+        self._touched = float("-inf")  # when the last force call that asked ended (touch)
         # until a first window has been measured, assume one free core: a second thread beside
         # busy processes costs 1.5-5x, one thread on a quiet machine at most ~1.8x, for <= 1 s
         self._free: float = 1.0 if self._last is not None else float(self.cores)
@@ -79,6 +80,10 @@ class LoadMonitor:
         all_cores = os.cpu_count() or 1
         return time.monotonic(), busy / tick, time.process_time(), all_cores
 
+    def touch(self) -> None:
+        """A force call that asked for the free cores has just ended."""
+        self._touched = time.monotonic()
+
     def free_cores(self) -> float:
         """Cores not busy with other processes over the last interval (the last value until a
         new interval has passed; all cores where /proc/stat cannot be read)."""
@@ -90,9 +95,11 @@ class LoadMonitor:
         sample = self._sample()
         if sample is None:
             return float(self.cores)
-        if now - self._last[0] > max(self.stale, self.interval):
-            # the last sample is old (no large-system call for a while): its average says little
-            # about now. Start a fresh window, on one core until it has passed
+        if now - max(self._last[0], self._touched) > max(self.stale, self.interval):
+            # no large-system call for a while (the last sample is old and no call has ended
+            # since): its average says little about now. Start a fresh window, on one core until
+            # it has passed. A window that one long call (a 2 s step of a big box) filled is
+            # not stale: its average is over the call itself, this process's own CPU taken out
             self._free = 1.0
         else:
             self._free = free_between(self._last, sample, self.cores)
@@ -139,11 +146,15 @@ class ThreadPolicy:
         """Run the body with this policy's thread count for ``n_atoms``; restore afterwards."""
         before = torch.get_num_threads()
         count = self.count(n_atoms, before)
-        if count is None or count == before:
-            yield
-            return
-        torch.set_num_threads(count)
         try:
-            yield
+            if count is None or count == before:
+                yield
+            else:
+                torch.set_num_threads(count)
+                try:
+                    yield
+                finally:
+                    torch.set_num_threads(before)
         finally:
-            torch.set_num_threads(before)
+            if self.monitor is not None and self.threads == "auto" and n_atoms >= self.single_thread_below:
+                self.monitor.touch()

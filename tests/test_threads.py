@@ -131,3 +131,29 @@ def test_a_stale_window_is_not_trusted():
     monitor._last = (time.monotonic() - 10.0, 0.0, 0.0, monitor._last[3] if monitor._last else 2)
     assert monitor.free_cores() == 1.0  # one core until a fresh window is measured
     assert LoadMonitor()._free == 1.0  # and the same before the first window
+
+
+def test_calls_longer_than_the_stale_time_keep_their_measured_window():
+    """A big box whose steps take longer than ``stale`` must not be put on one core at every
+    call (it was, until 0.3: the 576-atom water box ran on one thread): a window that ends with
+    a call of this process is not stale."""
+    monitor = LoadMonitor(interval=0.5, stale=3.0)
+    sample = monitor._sample()
+    if sample is None:
+        pytest.skip("no /proc/stat here")
+    monitor._free = 0.0
+    # the window began 10 s ago (one long call) and nothing else ran in it
+    monitor._last = (sample[0] - 10.0, sample[1], sample[2], sample[3])
+    monitor.touch()
+    assert monitor.free_cores() > 1.0 or monitor.cores == 1
+
+
+def test_the_policy_marks_the_end_of_each_large_call():
+    policy = ThreadPolicy("auto")
+    assert policy.monitor._touched == float("-inf")
+    with policy.limit(10):  # small: one thread, the monitor is not asked
+        pass
+    assert policy.monitor._touched == float("-inf")
+    with policy.limit(500):
+        pass
+    assert policy.monitor._touched > 0
