@@ -13,19 +13,19 @@ Writes benchmarks/results/<out>.md and .json.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import yaml
 from ase.io import read
 
+from common import write_results
+
 from mfcalc import MFCalculator
 from mfcalc.modelfile import read_metadata, resolve_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHNO = ROOT / "data" / "chno"
-RESULTS = Path(__file__).parent / "results"
 REFERENCE = CHNO / "ccsdt_ccpvdz_forces-heavy0-3.extxyz"
 CHEAP = {"PBE/def2-SVP (PySCF, RI-J)": CHNO / "pbe_def2svp_forces-ccframes.extxyz",
          "MP2/cc-pVDZ (PySCF)": CHNO / "mp2_ccpvdz_forces-ccframes.extxyz"}
@@ -115,11 +115,7 @@ def main():
             for label, r in block["own_method"].items():
                 lines.append(f"| {label} | {r['forces_mae_meV_A']:.1f} | {r['energy_spread_meV']:.1f} |")
         lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.md").write_text(text)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
+    write_results(args.out, "\n".join(lines), results)
 
 
 if __name__ == "__main__":

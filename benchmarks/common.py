@@ -85,3 +85,17 @@ def available_backends():
     except ImportError:
         pass
     return backends
+
+
+def write_results(name: str, table: str, data=None) -> None:
+    """Print a benchmark's markdown table and write it (and ``data`` as JSON) to
+    benchmarks/results/<name>.md (.json)."""
+    import json
+    from pathlib import Path
+
+    print(table)
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{name}.md").write_text(table)
+    if data is not None:
+        (results / f"{name}.json").write_text(json.dumps(data, indent=1))

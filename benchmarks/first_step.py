@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import write_results
 
 CHILD = r'''
 import json, sys, time
@@ -88,11 +88,7 @@ def main():
         status = next(iter(result["status"].values()), {})
         lines.append(f"| {label} | {result['first_step_s']:.2f} | {result['switched_at_s'] or '-'} | "
                      f"{windows[0]:.2f} | {windows[-1]:.2f} | {status.get('compile_seconds', '-')} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.md").write_text(table)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=1))
+    write_results(args.out, "\n".join(lines) + "\n", rows)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ class MFCalculator(Calculator):
     neighbor_list: ``"auto"``, ``"dense"``, ``"vesin"`` or ``"torch-cluster"``.
     compile: ``"auto"`` (default): the TorchScript file from the first call, and for small
         molecules (non-periodic, up to ``compiled.DENSE_GRAPH_MAX_ATOMS`` atoms, CPU) a
-        background thread that compiles energy and forces into one graph once a run has spent a
-        second in force calls, checks it against the TorchScript file and then switches to it
+        background thread that compiles energy and forces into one graph once a run has spent
+        ``autocompile.COMPILE_AFTER_S`` (3 s) in force calls, checks it against the TorchScript file and then switches to it
         (about 4x fewer ms per step; ``calc.potential.compile_status()`` says where it is;
         mfcalc.autocompile). ``True``: the compiled graph from the first call, which then takes
         30-40 s (cached on disk for later runs). ``False``: TorchScript only. None takes the

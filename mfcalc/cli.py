@@ -32,6 +32,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from .autocompile import compile_word
 from .modelfile import DEFAULT_MODEL
 
 # optional extras of pyproject.toml: the module a command imports -> the extra that installs it
@@ -310,10 +311,10 @@ def thread_count(text: str):
 
 def compile_choice(text: str):
     """--compile auto|yes|no -> "auto", True, False."""
-    table = {"auto": "auto", "yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
-    if text.lower() not in table:
+    value = compile_word(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"must be auto, yes or no, got {text!r}")
-    return table[text.lower()]
+    return value
 
 
 def _cmd_md(args: argparse.Namespace) -> None:

@@ -113,6 +113,8 @@ class Pairs(NamedTuple):
     # same for (i, j) and (j, i): they are evaluated on the P pairs once and unfolded, which
     # halves the largest matrix products of the network (mirror_index).
     mirror: Optional[Tensor] = None
+    # dense only: (2, P) rows and columns of the pairs i < j, in the order ``mirror`` points into
+    upper: Optional[Tensor] = None
 
 
 def gather(x: Tensor, pairs: Pairs) -> Tensor:
@@ -122,15 +124,16 @@ def gather(x: Tensor, pairs: Pairs) -> Tensor:
     return x.index_select(0, pairs.j)
 
 
-def mirror_index(n_atoms: int, device: torch.device) -> Tensor:
-    """The (N*N,) index of every ordered pair (i, j) into the P = N(N-1)/2 pairs i < j in
-    ``torch.triu_indices`` order (both orders share one entry; the diagonal gets P)."""
+def mirror_index(n_atoms: int, device: torch.device) -> List[Tensor]:
+    """[upper, index]: the (2, P) pairs i < j (``torch.triu_indices`` order, P = N(N-1)/2) and
+    the (N*N,) index of every ordered pair (i, j) into them (both orders share one entry; the
+    diagonal gets P)."""
     upper = torch.triu_indices(n_atoms, n_atoms, 1, device=device)
     p = upper.shape[1]
     index = torch.full((n_atoms * n_atoms,), p, dtype=torch.long, device=device)
     order = torch.arange(p, device=device)
     index = index.index_put((upper[0] * n_atoms + upper[1],), order)
-    return index.index_put((upper[1] * n_atoms + upper[0],), order)
+    return [upper, index.index_put((upper[1] * n_atoms + upper[0],), order)]
 
 
 def unfold(w: Tensor, pairs: Pairs) -> Tensor:
@@ -369,8 +372,8 @@ class MultiFidelityPaiNN(nn.Module):
         # the diagonal gets distance 1 instead of 0: finite everywhere (also in the gradient), masked
         r = torch.sqrt((vectors * vectors).sum(-1) + eye)
         interacting = (r < self.cutoff) & (eye == 0)
-        pairs = Pairs(species, species, True, interacting.to(positions.dtype),
-                      mirror_index(n_atoms, positions.device))
+        upper, mirror = mirror_index(n_atoms, positions.device)
+        pairs = Pairs(species, species, True, interacting.to(positions.dtype), mirror, upper)
         fid_atoms = fidelity.unsqueeze(1).expand(species.shape[0], n_atoms)
         energies = self.atom_energies(species, fid_atoms, pairs, vectors, r, species.unsqueeze(2),
                                       species.unsqueeze(1))
@@ -420,11 +423,9 @@ class MultiFidelityPaiNN(nn.Module):
     @staticmethod
     def _filter_distances(r: Tensor, pairs: Pairs) -> Tensor:
         """The distances the radial filters see: dense, those of the pairs i < j (R, P)."""
-        mirror = pairs.mirror
-        if mirror is None:
+        upper = pairs.upper
+        if upper is None:
             return r
-        n = r.shape[-1]
-        upper = torch.triu_indices(n, n, 1, device=r.device)
         return r[:, upper[0], upper[1]]
 
     def _core_reached(self, r: Tensor, core: Tensor) -> bool:
