@@ -175,14 +175,16 @@ def radial_filter(n_basis: int, out: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(n_basis, hidden), nn.SiLU(), nn.Linear(hidden, out))
 
 
-def traceless_outer(a: Tensor, b: Tensor) -> Tensor:
-    """Symmetric traceless part of a ⊗ b for a (..., 3, F) and b (..., 3, 1) or (..., 3, F):
-    (..., 3, 3, F)."""
-    outer = a.unsqueeze(-2) * b.unsqueeze(-3)
-    sym = 0.5 * (outer + outer.transpose(-3, -2))
-    trace = (a * b).sum(dim=-2)
-    eye = torch.eye(3, dtype=a.dtype, device=a.device).unsqueeze(-1)
-    return sym - eye * (trace.unsqueeze(-2).unsqueeze(-2) / 3.0)
+def symmetric_traceless(m: Tensor) -> Tensor:
+    """Symmetric traceless part of (..., 3, 3, F) matrices: (m + mᵀ)/2 - I tr(m)/3."""
+    trace = m[..., 0, 0, :] + m[..., 1, 1, :] + m[..., 2, 2, :]
+    eye = torch.eye(3, dtype=m.dtype, device=m.device).unsqueeze(-1)
+    return 0.5 * (m + m.transpose(-3, -2)) - eye * (trace.unsqueeze(-2).unsqueeze(-2) / 3.0)
+
+
+def contract_unit(t: Tensor, unit: Tensor) -> Tensor:
+    """t · r̂ for symmetric t (..., 3, 3, F) and unit vectors (..., 3): (..., 3, F)."""
+    return (t * unit.unsqueeze(-2).unsqueeze(-1)).sum(dim=-2)
 
 
 class Interaction(nn.Module):
@@ -202,7 +204,7 @@ class Interaction(nn.Module):
 
     def forward(
         self, s: Tensor, v: Tensor, t: Tensor, pairs: Pairs, basis: Tensor, unit: Tensor,
-        quadrupole: Tensor, envelope: Tensor, first: bool = False,
+        envelope: Tensor, first: bool = False,
     ) -> List[Tensor]:
         w = self.filter(basis)
         if self.filter_envelope:  # the bias too must vanish at the cutoff (PaiNN: W(r) fcut(r))
@@ -215,19 +217,27 @@ class Interaction(nn.Module):
         parts = torch.split(x, self.features, dim=-1)
         ds, dv_v, dv_r = parts[0], parts[1], parts[2]
         dv = dv_r.unsqueeze(-2) * unit.unsqueeze(-1)
+        v_j = v
         if not first:  # in the first block v (and t) are still zero: skip their products
-            dv = dv + gather(v, pairs) * dv_v.unsqueeze(-2)
+            v_j = gather(v, pairs)
+            dv = dv + v_j * dv_v.unsqueeze(-2)
         if self.max_l == 2:
+            # The rank-2 message of pair ij, per feature:
+            #   dt_r (r̂r̂ᵀ - I/3) + dt_t t_j + dt_v sym0(v_j ⊗ r̂)
+            # with sym0 the symmetric traceless part. Since r̂r̂ᵀ - I/3 = sym0(r̂ ⊗ r̂) and sym0 is
+            # linear, the first and last terms are sym0(y ⊗ r̂) with y = dt_r r̂ + dt_v v_j, and the
+            # sum over neighbours may be taken before sym0: per pair one outer product y ⊗ r̂ (and
+            # dt_t t_j), per atom one sym0. The same function as forming each term per pair, with a
+            # third of the (pairs x 9 x F) temporaries (the water box spends its time there).
             dt_r, dt_t, dt_v, dv_t = parts[3], parts[4], parts[5], parts[6]
-            dt = dt_r.unsqueeze(-2).unsqueeze(-2) * quadrupole.unsqueeze(-1)
+            y = dt_r.unsqueeze(-2) * unit.unsqueeze(-1)
             if not first:
-                v_j = gather(v, pairs)
                 t_j = gather(t, pairs)
-                dt = dt + t_j * dt_t.unsqueeze(-2).unsqueeze(-2)
-                dt = dt + traceless_outer(v_j, unit.unsqueeze(-1)) * dt_v.unsqueeze(-2).unsqueeze(-2)
-                t_r = (t_j * unit.unsqueeze(-2).unsqueeze(-1)).sum(dim=-2)  # t_j · r̂: (..., 3, F)
-                dv = dv + t_r * dv_t.unsqueeze(-2)
-            t = accumulate(t, dt, pairs)
+                y = y + v_j * dt_v.unsqueeze(-2)
+                dv = dv + contract_unit(t_j, unit) * dv_t.unsqueeze(-2)
+                t = accumulate(t, t_j * dt_t.unsqueeze(-2).unsqueeze(-2), pairs)
+            outer = y.unsqueeze(-2) * unit.unsqueeze(-2).unsqueeze(-1)  # (..., 3, 3, F): y_a r̂_b
+            t = t + symmetric_traceless(accumulate(torch.zeros_like(t), outer, pairs))
         s = accumulate(s, ds, pairs)
         v = accumulate(v, dv, pairs)
         return [s, v, t]
@@ -401,15 +411,12 @@ class MultiFidelityPaiNN(nn.Module):
         v = torch.zeros(lead + [3, self.features], dtype=s.dtype, device=s.device)
         if self.max_l == 2:
             t = torch.zeros(lead + [3, 3, self.features], dtype=s.dtype, device=s.device)
-            eye = torch.eye(3, dtype=r.dtype, device=r.device)
-            quadrupole = unit.unsqueeze(-1) * unit.unsqueeze(-2) - eye / 3.0
         else:
             t = torch.zeros((0,), dtype=s.dtype, device=s.device)
-            quadrupole = t
         film = torch.chunk(self.film(f), 2 * self.n_layers, dim=-1)
         layer = 0
         for interaction, update in zip(self.interactions, self.updates):
-            s, v, t = interaction(s, v, t, pairs, basis, unit, quadrupole, envelope, layer == 0)
+            s, v, t = interaction(s, v, t, pairs, basis, unit, envelope, layer == 0)
             s, v, t = update(s, v, t)
             if self.use_film:
                 s = s * (1.0 + film[2 * layer]) + film[2 * layer + 1]

@@ -21,11 +21,16 @@ FIDELITIES = ["low", "mid", "high"]
 ALIASES = {"HI": "high", "LO": "low"}
 
 
-def make_forcefield(seed: int = 0, mode: str = "film", dtype=torch.float64):
+# the networks the physics tests run on: PaiNN (l = 1, linear filters) and the shipped models'
+# network (l = 2 tensors, radial MLP filters), both small
+NETWORKS = {"l1": {}, "l2": {"max_l": 2, "radial_mlp": 8}}
+
+
+def make_forcefield(seed: int = 0, mode: str = "film", dtype=torch.float64, network: str = "l1"):
     torch.manual_seed(seed)
     config = default_config(
         [1, 6, 8, 14], FIDELITIES, features=16, layers=2, radial_basis=8, fidelity_dim=4,
-        cutoff=4.0, fidelity_mode=mode,
+        cutoff=4.0, fidelity_mode=mode, **NETWORKS[network],
     )
     forcefield = build_forcefield(config)
     with torch.no_grad():
@@ -38,16 +43,26 @@ def make_forcefield(seed: int = 0, mode: str = "film", dtype=torch.float64):
 
 @pytest.fixture(scope="session")
 def forcefield_factory():
-    """make_forcefield(seed, mode, dtype): an eager random-weight ForceField."""
+    """make_forcefield(seed, mode, dtype, network): an eager random-weight ForceField."""
     return make_forcefield
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Path of an exported random-weight model (float64) with fidelities low/mid/high."""
-    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    return _export_tiny(tmp_path_factory, "l1")
+
+
+@pytest.fixture(scope="session", params=sorted(NETWORKS))
+def network_model(request, tmp_path_factory):
+    """tiny_model's file for each network of NETWORKS (physics tests run on both)."""
+    return _export_tiny(tmp_path_factory, request.param)
+
+
+def _export_tiny(tmp_path_factory, network: str):
+    path = tmp_path_factory.mktemp("models") / f"tiny-{network}.pt"
     export_model(
-        make_forcefield(), path,
+        make_forcefield(network=network), path,
         metadata={"aliases": ALIASES, "default_fidelity": "high",
                   "training_data": [{"fidelity": "x", "source": "random weights"}]},
         dtype=torch.float64,

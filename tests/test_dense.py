@@ -31,10 +31,11 @@ def _flat(forcefield, atoms, fidelity):
     return out["energies"], out["forces"]
 
 
+@pytest.mark.parametrize("network", ["l1", "l2"])
 @pytest.mark.parametrize("mode", ["film", "readout"])
 @pytest.mark.parametrize("envelope", [True, False])
-def test_dense_graph_equals_the_pair_list(forcefield_factory, mode, envelope):
-    forcefield = forcefield_factory(seed=3, mode=mode)
+def test_dense_graph_equals_the_pair_list(forcefield_factory, mode, envelope, network):
+    forcefield = forcefield_factory(seed=3, mode=mode, network=network)
     forcefield.model.interactions[0].filter_envelope = envelope
     forcefield.model.interactions[1].filter_envelope = envelope
     structures = _structures()

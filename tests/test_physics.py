@@ -21,9 +21,9 @@ def energy_forces(calc, atoms):
 
 @pytest.mark.parametrize("fidelity", ["low", "high"])
 @pytest.mark.parametrize("structure", ["ethanol", "silicon_small_cell"])
-def test_forces_are_minus_gradient_of_energy(tiny_model, request, structure, fidelity):
+def test_forces_are_minus_gradient_of_energy(network_model, request, structure, fidelity):
     atoms = request.getfixturevalue(structure)
-    calc = MFCalculator(tiny_model, fidelity=fidelity, dtype="float64", device="cpu")
+    calc = MFCalculator(network_model, fidelity=fidelity, dtype="float64", device="cpu")
     atoms.calc = calc
     forces = atoms.get_forces()
     numeric = numeric_forces(atoms, calc)
@@ -32,10 +32,10 @@ def test_forces_are_minus_gradient_of_energy(tiny_model, request, structure, fid
 
 
 @pytest.mark.parametrize("pbc", [[True, True, True], [True, True, False]])
-def test_stress_is_finite_strain_derivative(tiny_model, silicon_small_cell, pbc):
+def test_stress_is_finite_strain_derivative(network_model, silicon_small_cell, pbc):
     atoms = silicon_small_cell
     atoms.pbc = pbc
-    calc = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu")
+    calc = MFCalculator(network_model, fidelity="mid", dtype="float64", device="cpu")
     atoms.calc = calc
     stress = atoms.get_stress(voigt=False)
     # h = 1e-5: energies are ~1e4 eV, float64 round-off in the difference is ~1e-12 relative
@@ -45,8 +45,8 @@ def test_stress_is_finite_strain_derivative(tiny_model, silicon_small_cell, pbc)
     np.testing.assert_allclose(stress, stress.T, atol=1e-12)
 
 
-def test_rotation_translation_permutation(tiny_model, ethanol):
-    calc = MFCalculator(tiny_model, fidelity="high", dtype="float64", device="cpu")
+def test_rotation_translation_permutation(network_model, ethanol):
+    calc = MFCalculator(network_model, fidelity="high", dtype="float64", device="cpu")
     e0, f0 = energy_forces(calc, ethanol)
     rot = Rotation.from_euler("xyz", [0.3, -1.1, 2.0]).as_matrix()
     moved = ethanol.copy()
@@ -60,8 +60,8 @@ def test_rotation_translation_permutation(tiny_model, ethanol):
     np.testing.assert_allclose(f2, f0[order], atol=1e-9)
 
 
-def test_periodic_energy_is_invariant_to_the_choice_of_images(tiny_model, silicon_small_cell):
-    calc = MFCalculator(tiny_model, fidelity="low", dtype="float64", device="cpu")
+def test_periodic_energy_is_invariant_to_the_choice_of_images(network_model, silicon_small_cell):
+    calc = MFCalculator(network_model, fidelity="low", dtype="float64", device="cpu")
     e0, f0 = energy_forces(calc, silicon_small_cell)
     wrapped = silicon_small_cell.copy()
     wrapped.wrap()
@@ -73,11 +73,12 @@ def test_periodic_energy_is_invariant_to_the_choice_of_images(tiny_model, silico
     assert e2 == pytest.approx(2 * e0, rel=1e-10)
 
 
+@pytest.mark.parametrize("network", ["l1", "l2"])
 @pytest.mark.parametrize("mode", ["film", "readout"])
-def test_torchscript_equals_eager(tmp_path, mode, ethanol, silicon_small_cell, forcefield_factory):
+def test_torchscript_equals_eager(tmp_path, mode, network, ethanol, silicon_small_cell, forcefield_factory):
     from mfcalc.modelfile import export_model
 
-    eager = forcefield_factory(seed=3, mode=mode).eval()
+    eager = forcefield_factory(seed=3, mode=mode, network=network).eval()
     export_model(eager, tmp_path / "m.pt", dtype=torch.float64)
     scripted, _ = load_model(tmp_path / "m.pt")
     for atoms in (ethanol, silicon_small_cell):
@@ -93,12 +94,12 @@ def test_torchscript_equals_eager(tmp_path, mode, ethanol, silicon_small_cell, f
                 torch.testing.assert_close(a[key], b[key], atol=1e-10, rtol=0)
 
 
-def test_fidelities_differ_and_float32_is_close(tiny_model, ethanol):
+def test_fidelities_differ_and_float32_is_close(network_model, ethanol):
     results = {}
     for dtype in ("float32", "float64"):
         for fid in ("low", "high"):
             results[dtype, fid] = energy_forces(
-                MFCalculator(tiny_model, fidelity=fid, dtype=dtype, device="cpu"), ethanol
+                MFCalculator(network_model, fidelity=fid, dtype=dtype, device="cpu"), ethanol
             )
     assert not np.allclose(results["float64", "low"][1], results["float64", "high"][1])
     for fid in ("low", "high"):
@@ -108,10 +109,10 @@ def test_fidelities_differ_and_float32_is_close(tiny_model, ethanol):
         np.testing.assert_allclose(f32, f64, atol=1e-4)
 
 
-def test_isolated_atoms_get_reference_energy(tiny_model):
+def test_isolated_atoms_get_reference_energy(network_model):
     from ase import Atoms
 
-    calc = MFCalculator(tiny_model, fidelity="low", dtype="float64", device="cpu")
+    calc = MFCalculator(network_model, fidelity="low", dtype="float64", device="cpu")
     atoms = Atoms("O", positions=[[0, 0, 0]])
     atoms.calc = calc
     # a lone atom has no neighbors: its energy is the network's free-atom term, forces are zero
@@ -123,13 +124,13 @@ def test_isolated_atoms_get_reference_energy(tiny_model):
 
 
 @pytest.mark.parametrize("pair", ["HH", "CO"])
-def test_energy_is_continuous_where_a_pair_crosses_the_cutoff(tiny_model, pair):
+def test_energy_is_continuous_where_a_pair_crosses_the_cutoff(network_model, pair):
     """A pair's whole message (the filter bias included) must fade to zero at the cutoff: the
     energy of a dimer just inside the cutoff equals that just outside, and E(r) is smooth there
     (models before the filter envelope jumped by 0.1-0.6 eV)."""
     from ase import Atoms
 
-    calc = MFCalculator(tiny_model, fidelity="mid", dtype="float64", device="cpu")
+    calc = MFCalculator(network_model, fidelity="mid", dtype="float64", device="cpu")
     cutoff = calc.cutoff
     energies = []
     for r in (cutoff - 0.02, cutoff - 1e-6, cutoff + 1e-6, cutoff + 0.02):
@@ -157,13 +158,14 @@ def test_models_from_before_the_filter_envelope_keep_their_numbers(forcefield_fa
     assert e_old != pytest.approx(e_new, abs=1e-6)  # the envelope changes every pair inside the cutoff
 
 
-def test_network_exports_with_torch_export(forcefield_factory, ethanol):
+@pytest.mark.parametrize("network", ["l1", "l2"])
+def test_network_exports_with_torch_export(forcefield_factory, ethanol, network):
     """The network stays torch.export-friendly (no data-dependent Python control flow): exported
     once with symbolic atom and pair counts, it gives the eager energies and, through autograd,
     the eager forces for a structure of another size."""
     from mfcalc.neighbors import dense_neighbor_list
 
-    forcefield = forcefield_factory(seed=4).eval()
+    forcefield = forcefield_factory(seed=4, network=network).eval()
     model = forcefield.model
 
     def inputs(atoms):

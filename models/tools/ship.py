@@ -11,6 +11,7 @@ imported when it started; fixes made meanwhile to the scripted force path (e.g. 
 search) reach the shipped file this way, with the weights untouched. ``--core`` re-sets the
 short-range core (refused if a training pair lies inside it). README.md is re-rendered from the
 card: hand-written sections below the generated card (models/*/README.md) must be added again.
+``--model-only`` replaces model.pt alone (the same weights through this checkout's force path).
 """
 
 import argparse
@@ -49,6 +50,9 @@ def main() -> None:
                         help='JSON of short-range settings to set, e.g. \'{"core_radius_factor": 0.65}\'; '
                              "refused if any training pair lies inside the new switch radius")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--model-only", action="store_true",
+                        help="with --write: replace only models/NAME/model.pt (a faster force path for the "
+                             "same weights), keeping its card, README and checkpoint")
     args = parser.parse_args()
     run = Path(args.run)
     payload = load_checkpoint(run / "checkpoint.pt")
@@ -94,6 +98,9 @@ def main() -> None:
     out = ROOT / "models" / args.name
     out.mkdir(exist_ok=True)
     shutil.copy(tmp, out / "model.pt")
+    if args.model_only:
+        print(f"wrote {out}/model.pt (re-exported)")
+        return
     for name in KEEP:
         if (run / name).exists():
             shutil.copy(run / name, out / name)
