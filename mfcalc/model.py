@@ -38,7 +38,7 @@ The code avoids data-dependent Python control flow so that it scripts (TorchScri
 """
 
 import math
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, Final, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -182,18 +182,27 @@ def symmetric_traceless(m: Tensor) -> Tensor:
     return 0.5 * (m + m.transpose(-3, -2)) - eye * (trace.unsqueeze(-2).unsqueeze(-2) / 3.0)
 
 
-def contract_unit(t: Tensor, unit: Tensor) -> Tensor:
-    """t · r̂ for symmetric t (..., 3, 3, F) and unit vectors (..., 3): (..., 3, F)."""
-    return (t * unit.unsqueeze(-2).unsqueeze(-1)).sum(dim=-2)
+def contract_unit(t: Tensor, unit: Tensor, pairs: Pairs) -> Tensor:
+    """t · r̂ for symmetric t (..., 3, 3, F) and unit vectors (..., 3): (..., 3, F). A pair list
+    contracts with one batched (1 x 3) @ (3 x 3F) product per pair (t is symmetric, so its rows
+    are its columns), without a (pairs, 3, 3, F) temporary; the dense layout, where t is a
+    broadcast of the atoms' tensors, multiplies and sums."""
+    if pairs.dense:
+        return (t * unit.unsqueeze(-2).unsqueeze(-1)).sum(dim=-2)
+    e, f = t.shape[0], t.shape[-1]
+    return torch.bmm(unit.unsqueeze(1), t.reshape(e, 3, 3 * f)).view(e, 3, f)
 
 
 class Interaction(nn.Module):
     """Equivariant message from neighbours j to atom i (PaiNN eq. 7-8; with l = 2 tensors)."""
 
+    hidden_filter: Final[bool]
+
     def __init__(self, features: int, n_basis: int, filter_envelope: bool = True, radial_mlp: int = 0,
                  max_l: int = 1):
         super().__init__()
         self.features = features
+        self.hidden_filter = radial_mlp > 0
         self.filter_envelope = filter_envelope
         self.max_l = max_l
         width = 3 if max_l == 1 else 7  # message channels per feature: s, v (v, r̂) [, t (r̂r̂, t, v⊗r̂), v (t·r̂)]
@@ -202,13 +211,26 @@ class Interaction(nn.Module):
         )
         self.filter = radial_filter(n_basis, width * features, radial_mlp)
 
+    def filters(self, basis: Tensor, envelope: Tensor) -> Tensor:
+        """The radial filters of the pairs, times the cutoff envelope: the bias too must vanish at
+        the cutoff (PaiNN: W(r) fcut(r)). The envelope goes into the last linear map,
+        [h fcut, fcut] @ [Wᵀ; b] = (h Wᵀ + b) fcut, instead of a (pairs x width) product after it."""
+        if not self.filter_envelope:  # models from mfcalc <= 0.3
+            return self.filter(basis)
+        if self.hidden_filter:
+            hidden = self.filter[1](self.filter[0](basis))
+            last = self.filter[2]
+            weight, bias = last.weight, last.bias
+        else:
+            hidden = basis
+            weight, bias = self.filter.weight, self.filter.bias
+        return torch.cat([hidden * envelope, envelope], dim=-1) @ torch.cat([weight.t(), bias.unsqueeze(0)], dim=0)
+
     def forward(
         self, s: Tensor, v: Tensor, t: Tensor, pairs: Pairs, basis: Tensor, unit: Tensor,
         envelope: Tensor, first: bool = False,
     ) -> List[Tensor]:
-        w = self.filter(basis)
-        if self.filter_envelope:  # the bias too must vanish at the cutoff (PaiNN: W(r) fcut(r))
-            w = w * envelope
+        w = self.filters(basis, envelope)
         w = unfold(w, pairs)  # dense: the filters of the pairs i < j to every ordered pair
         mask = pairs.mask
         if mask is not None:
@@ -231,13 +253,16 @@ class Interaction(nn.Module):
             # third of the (pairs x 9 x F) temporaries (the water box spends its time there).
             dt_r, dt_t, dt_v, dv_t = parts[3], parts[4], parts[5], parts[6]
             y = dt_r.unsqueeze(-2) * unit.unsqueeze(-1)
-            if not first:
+            r_b = unit.unsqueeze(-2).unsqueeze(-1)  # (..., 1, 3, 1): r̂_b
+            if first:
+                message = y.unsqueeze(-2) * r_b
+            else:
                 t_j = gather(t, pairs)
                 y = y + v_j * dt_v.unsqueeze(-2)
-                dv = dv + contract_unit(t_j, unit) * dv_t.unsqueeze(-2)
-                t = accumulate(t, t_j * dt_t.unsqueeze(-2).unsqueeze(-2), pairs)
-            outer = y.unsqueeze(-2) * unit.unsqueeze(-2).unsqueeze(-1)  # (..., 3, 3, F): y_a r̂_b
-            t = t + symmetric_traceless(accumulate(torch.zeros_like(t), outer, pairs))
+                dv = dv + contract_unit(t_j, unit, pairs) * dv_t.unsqueeze(-2)
+                # dt_t t_j is symmetric traceless already: sym0 leaves its sum as it is
+                message = torch.addcmul(t_j * dt_t.unsqueeze(-2).unsqueeze(-2), y.unsqueeze(-2), r_b)
+            t = t + symmetric_traceless(accumulate(torch.zeros_like(t), message, pairs))
         s = accumulate(s, ds, pairs)
         v = accumulate(v, dv, pairs)
         return [s, v, t]
