@@ -104,6 +104,26 @@ class ForceField(nn.Module):
                 out[key] = out[key].detach()
         return out
 
+    @torch.jit.unused
+    def dense_forward(self, positions: Tensor, numbers: Tensor, fidelity: Tensor,
+                      compute_forces: bool = True) -> Dict[str, Tensor]:
+        """R molecules of N atoms each (not periodic) through the dense (R, N, N) layout, no pair
+        list: positions (R, N, 3), numbers (R, N), fidelity (R,). The same numbers as ``forward``
+        on their flat batch, in its layout: energy (R,), energies (R N,), forces (R N, 3). Used by
+        training for batches of same-size molecules (no scatter in the double backward)."""
+        species = self.species_of_z[numbers]
+        if bool((species < 0).any()):
+            raise ValueError(f"structure has atomic number(s) {torch.unique(numbers[species < 0]).tolist()} that "
+                             f"this model does not know; it knows atomic numbers {self.elements}")
+        positions = positions.detach().requires_grad_(compute_forces)
+        energies, _ = self.model.dense_energies(species, positions, fidelity)
+        energy = energies.sum(dim=1)
+        out: Dict[str, Tensor] = {"energy": energy, "energies": energies.reshape(-1)}
+        if compute_forces:
+            (grad,) = torch.autograd.grad([energy.sum()], [positions], create_graph=self.training)
+            out["forces"] = -grad.reshape(-1, 3)
+        return out
+
     @torch.jit.export
     def neighbor_list(
         self, positions: Tensor, cell: Tensor, pbc: Tensor, backend: str = "auto"

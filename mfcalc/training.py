@@ -36,6 +36,7 @@ class Graph:
     fidelity: int
     energy: float
     forces: Optional[torch.Tensor]
+    periodic: bool = False
 
 
 def to_graphs(
@@ -60,9 +61,22 @@ def to_graphs(
                 fidelity=index[s.fidelity],
                 energy=float(s.energy),
                 forces=None if s.forces is None else torch.tensor(s.forces, dtype=torch.float64),
+                periodic=bool(np.any(s.pbc)),
             )
         )
     return graphs
+
+
+# batches of same-size molecules up to this many atoms train through the dense (R, N, N) layout
+# (ForceField.dense_forward: the same loss, no index_add in the double backward); larger ones and
+# periodic structures through the pair list
+DENSE_TRAINING_MAX_ATOMS = 32
+
+
+def dense_trainable(graphs: Sequence[Graph]) -> bool:
+    """Whether a batch can go through the dense layout: same atom count, no periodic structure."""
+    n = len(graphs[0].numbers)
+    return n <= DENSE_TRAINING_MAX_ATOMS and all(len(g.numbers) == n and not g.periodic for g in graphs)
 
 
 def collate(graphs: Sequence[Graph], dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
@@ -83,6 +97,9 @@ def collate(graphs: Sequence[Graph], dtype: torch.dtype = torch.float32) -> Dict
     batch["energy"] = torch.tensor([g.energy for g in graphs], dtype=torch.float64)
     batch["forces"] = torch.cat(forces).to(dtype)
     batch["has_forces"] = torch.cat(mask)
+    if dense_trainable(graphs):
+        batch["dense_positions"] = torch.stack([g.positions for g in graphs]).to(dtype)
+        batch["dense_numbers"] = torch.stack([g.numbers for g in graphs])
     return batch
 
 
@@ -257,10 +274,13 @@ class TrainSettings:
 
 
 def _batch_loss(forcefield, batch, fid_weight, settings, dtype):
-    out = forcefield(
-        batch["positions"], batch["numbers"], batch["cell"], batch["edge_index"],
-        batch["shifts"], batch["fidelity"], batch["batch"], True, False,
-    )
+    if "dense_positions" in batch:
+        out = forcefield.dense_forward(batch["dense_positions"], batch["dense_numbers"], batch["fidelity"])
+    else:
+        out = forcefield(
+            batch["positions"], batch["numbers"], batch["cell"], batch["edge_index"],
+            batch["shifts"], batch["fidelity"], batch["batch"], True, False,
+        )
     terms = loss_terms(out, batch)
     w_struct = fid_weight[batch["fidelity"]]
     w_atom = w_struct[batch["batch"]]

@@ -287,3 +287,41 @@ def test_reference_energies_of_a_one_molecule_fidelity_borrow_from_a_broad_one()
     assert abs(counts(pyridine) @ e0[2] - truth) < 3.0  # eV; the minimum-norm fit misses by ~1500
     minimum_norm = np.linalg.lstsq(np.array([counts(ethanol)]), [hi_mean], rcond=None)[0]
     assert abs(counts(pyridine) @ minimum_norm - truth) > 1000
+
+
+@pytest.mark.parametrize("network", ["l1", "l2"])
+def test_same_size_batches_train_through_the_dense_layout_with_the_same_loss(forcefield_factory, network):
+    """A batch of same-size molecules goes through ForceField.dense_forward (no pair list): the
+    loss and every parameter gradient equal those of the pair-list path; a mixed-size or periodic
+    batch keeps the pair list."""
+    import torch
+    from dataclasses import replace
+
+    from mfcalc.training import TrainSettings, _batch_loss, collate
+
+    frames = read_extxyz(DATA / "ethanol_rmd17_pbe_def2svp-train1000.xyz", "mid", index=":4")
+    frames[1] = replace(frames[1], fidelity="high")
+    forcefield = forcefield_factory(seed=2, network=network).train()
+    graphs = to_graphs(frames, forcefield.fidelities, forcefield.cutoff)
+    batch = collate(graphs, torch.float64)
+    assert "dense_positions" in batch
+    flat = {k: v for k, v in batch.items() if not k.startswith("dense_")}
+    settings = TrainSettings(energy_weight=3.0)
+    weights = torch.ones(len(forcefield.fidelities), dtype=torch.float64)
+    results = []
+    for b in (batch, flat):
+        forcefield.zero_grad()
+        out, e_loss, f_loss, loss = _batch_loss(forcefield, b, weights, settings, torch.float64)
+        loss.backward()
+        results.append((out, loss.detach(), [p.grad.clone() for p in forcefield.parameters() if p.grad is not None]))
+    (dense_out, dense_loss, dense_grads), (flat_out, flat_loss, flat_grads) = results
+    torch.testing.assert_close(dense_out["forces"], flat_out["forces"], atol=1e-10, rtol=0)
+    torch.testing.assert_close(dense_loss, flat_loss, atol=1e-12, rtol=1e-10)
+    assert len(dense_grads) == len(flat_grads) > 10
+    for a, b in zip(dense_grads, flat_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    water = read_extxyz(DATA / "ethanol_rmd17_pbe_def2svp-train1000.xyz", "mid", index=":1")[0]
+    small = replace(water, numbers=water.numbers[:3], positions=water.positions[:3], forces=water.forces[:3])
+    assert "dense_positions" not in collate(to_graphs([frames[0], small], forcefield.fidelities, forcefield.cutoff))
+    boxed = replace(frames[0], cell=np.eye(3) * 30.0, pbc=np.ones(3, bool))
+    assert "dense_positions" not in collate(to_graphs([frames[0], boxed], forcefield.fidelities, forcefield.cutoff))
