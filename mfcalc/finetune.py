@@ -169,12 +169,17 @@ def finetune(
     index = forcefield.fidelities.index(fidelity)
     n = len(data)
     n_val = held_out_count(n, val_fraction)
-    settings = settings or finetune_settings(n - n_val, strategy, seed=seed, **(setting_overrides or {}))
-    log(describe_settings(settings, n, n_val))
     before = _drift_errors(forcefield, replay_val)
+    graphs = to_graphs(data, forcefield.fidelities, forcefield.cutoff)
     if new_fidelity if refit_reference_energies is None else refit_reference_energies:
-        shift = refit_reference(forcefield, to_graphs(data, forcefield.fidelities, forcefield.cutoff), index)
+        shift = refit_reference(forcefield, graphs, index)
         log(f"reference energies of {fidelity!r} shifted by {np.round(shift.numpy(), 4).tolist()} eV per element")
+    start = evaluate(forcefield, graphs, forcefield.fidelities)[fidelity].get("forces_mae")
+    if start is not None:
+        log(f"the base starts at a forces MAE of {1000 * start:.1f} meV/Å on these points")
+    settings = settings or finetune_settings(n - n_val, strategy, seed=seed, start_forces_mae=start,
+                                             **(setting_overrides or {}))
+    log(describe_settings(settings, n, n_val))
 
     if n < 10:
         epochs = _epochs_by_kfold(forcefield, data, replay, replay_fraction, strategy, settings, seed, log,
@@ -194,6 +199,7 @@ def finetune(
         "train": len(train_set), "val": len(val_set), "replay": count_by_fidelity(replay or []),
         "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
         "settings": {k: v for k, v in vars(settings).items() if k != "fidelity_weights"},
+        "start_forces_mae": start,
         "minutes": result["minutes"],
         "validation_errors": new_errors, "drift": _drift_table(before, after),
     }
@@ -224,17 +230,35 @@ def finetune(
 
 # --------------------------------------------------------------------------- the protocol
 LEARNING_RATES = {"full": 2e-3, "readout": 4e-3, "embedding": 1e-2}  # per STRATEGIES entry
+# the learning rate follows how far the base starts from the new points: its forces MAE on them
+# over FAR_FORCES_MAE (eV/Å) scales LEARNING_RATES, down to a tenth (lr_factor). Measured
+# (benchmarks/transfer.py few-shot, benchmarks/rmd17.py --base): a base at 12 meV/Å on H2CO's
+# CCSD(T) frames (seen at MP2 only) fine-tuned on 10 of them reached 15.9 meV/Å at lr 2e-3 (worse
+# than it started), 9.5 at 5e-4, 6.2 at 2e-4; chno-mf starts at 128-196 meV/Å on benzene and
+# naphthalene, which need 2e-3 and 250 steps per point to converge.
+FAR_FORCES_MAE = 0.1
 # weight of the squared per-atom energy error (eV/atom)^2 against the squared force error (eV/Å)^2
 FINETUNE_ENERGY_WEIGHT = 10.0
 
 
-def finetune_settings(n_train: int, strategy: str = "full", seed: int = 0, **overrides: Any) -> TrainSettings:
+def lr_factor(start_forces_mae: Optional[float]) -> float:
+    """Learning-rate scale for a base whose forces MAE on the new points is ``start_forces_mae``
+    (eV/Å; None without forces: 1)."""
+    if start_forces_mae is None:
+        return 1.0
+    return float(np.clip(start_forces_mae / FAR_FORCES_MAE, 0.1, 1.0))
+
+
+def finetune_settings(n_train: int, strategy: str = "full", seed: int = 0,
+                      start_forces_mae: Optional[float] = None, **overrides: Any) -> TrainSettings:
     """The default fine-tuning protocol for ``n_train`` training points, chosen from the data size
     (the one place these defaults live; the command line passes only what the user set).
 
     One epoch is one pass over the points in batches of n/8 (2 to 16); the optimiser budget is
     250 steps per point, between 2,500 and 20,000 steps (few points need many passes, many points
-    fewer); cosine learning rate from 2e-3 (full; 4e-3 readout, 1e-2 embedding) to 1% of it, EMA
+    fewer); cosine learning rate from 2e-3 (full; 4e-3 readout, 1e-2 embedding) to 1% of it,
+    scaled down (to a tenth at most) for a base that already starts close to the points
+    (``lr_factor``: its forces MAE on them, ``start_forces_mae``, over 0.1 eV/Å), EMA
     0.99, float64, and early stopping when the validation error has not improved for a quarter
     of the epochs. Measured on rMD17 (benchmarks/rmd17.py --base): with 100 steps per point at
     1e-3 both benzene and naphthalene (40 points) were still improving at the last epoch."""
@@ -246,7 +270,8 @@ def finetune_settings(n_train: int, strategy: str = "full", seed: int = 0, **ove
     total_steps = int(np.clip(250 * n_train, 2500, 20000))
     epochs = int(np.ceil(total_steps / steps_per_epoch))
     values = dict(
-        epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=LEARNING_RATES[strategy],
+        epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+        lr=LEARNING_RATES[strategy] * lr_factor(start_forces_mae),
         lr_min_factor=0.01, weight_decay=0.0, ema_decay=0.99, patience=max(20, epochs // 4), seed=seed,
         energy_weight=FINETUNE_ENERGY_WEIGHT, dtype="float64", sampling_temperature=1.0,
     )

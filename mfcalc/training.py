@@ -470,6 +470,10 @@ def train(
     log(f"training on {count_by_fidelity(train_set)}, validating on {count_by_fidelity(val_set)}"
         + (f", {world} processes" if world > 1 else ""))
 
+    if val_graphs and not resume:
+        # the starting weights are a candidate too: a fine-tuning that never beats its base on the
+        # validation points returns the base (epoch -1), not the first epoch's damage
+        best["score"] = validation_score(evaluate(ema, val_graphs, fidelities), settings)
     start = time.perf_counter() - 60 * elapsed_before
     lr_factor = 1.0
     for epoch in range(first_epoch, settings.epochs):

@@ -2,6 +2,7 @@
 reference energies are refitted, every fidelity survives in the exported file, and the drift of
 the old fidelities is measured when weights they share are trained."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +97,12 @@ def test_a_new_elements_embedding_learns_in_every_strategy(tiny_model):
     rng = np.random.default_rng(0)
     atoms = molecule("CH3CN")  # N: not in the tiny model
     data = []
-    for _ in range(12):
-        positions = atoms.positions + rng.normal(0, 0.05, atoms.positions.shape)
-        data.append(Structure(positions=positions, numbers=atoms.numbers.copy(), cell=np.zeros((3, 3)),
-                              pbc=np.zeros(3, bool), energy=float(rng.normal(-10, 0.1)),
-                              forces=rng.normal(0, 0.3, positions.shape), fidelity="CC"))
+    for _ in range(12):  # a harmonic surface around the minimum: something the training can learn
+        displacement = rng.normal(0, 0.05, atoms.positions.shape)
+        data.append(Structure(positions=atoms.positions + displacement, numbers=atoms.numbers.copy(),
+                              cell=np.zeros((3, 3)), pbc=np.zeros(3, bool),
+                              energy=-10.0 + 20.0 * float((displacement ** 2).sum()),
+                              forces=-40.0 * displacement, fidelity="CC"))
     result = finetune(tiny_model, data, "CC", new_fidelity=True, strategy="embedding", settings=FAST,
                       log=lambda *a: None)
     start = add_elements(base, [7]).model.species_embedding.weight.detach()
@@ -133,3 +135,39 @@ def test_closest_fidelity_from_energies_alone(tiny_model, source):
     forcefield, _ = load_base(tiny_model)
     graphs = to_graphs([replace(s, fidelity="low") for s in data], forcefield.fidelities, forcefield.cutoff)
     assert forcefield.fidelities[closest_fidelity(forcefield, graphs, range(3))] == source
+
+
+def test_the_learning_rate_follows_how_far_the_base_starts():
+    """A base already close to the new points (forces MAE << 0.1 eV/Å) is fine-tuned with a
+    smaller step; a far one with the full rate; a flag still wins."""
+    from mfcalc.finetune import LEARNING_RATES, finetune_settings
+
+    full = LEARNING_RATES["full"]
+    assert finetune_settings(40).lr == pytest.approx(full)
+    assert finetune_settings(40, start_forces_mae=0.3).lr == pytest.approx(full)
+    assert finetune_settings(40, start_forces_mae=0.05).lr == pytest.approx(full / 2)
+    assert finetune_settings(40, start_forces_mae=0.001).lr == pytest.approx(full / 10)
+    assert finetune_settings(40, start_forces_mae=0.001, lr=3e-3).lr == pytest.approx(3e-3)
+
+
+def test_training_that_never_beats_its_start_returns_the_start(tiny_model):
+    """Noise labels: no epoch improves on the validation points, so fine-tuning hands back the
+    weights it started from (best epoch -1), not the first epoch's."""
+    from mfcalc.data import Structure
+    from mfcalc.finetune import load_base
+
+    base, _ = load_base(tiny_model)
+    calc = MFCalculator(tiny_model, fidelity="high", dtype="float64", device="cpu")
+    rng = np.random.default_rng(1)
+    data = []
+    for _ in range(12):  # the base's own energies and forces, plus noise there is nothing to learn in
+        atoms = molecule("CH3CH2OH")
+        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        atoms.calc = calc
+        data.append(Structure(positions=atoms.positions.copy(), numbers=atoms.numbers.copy(), cell=np.zeros((3, 3)),
+                              pbc=np.zeros(3, bool), energy=atoms.get_potential_energy() + rng.normal(0, 0.01),
+                              forces=atoms.get_forces() + rng.normal(0, 1.0, atoms.positions.shape), fidelity="high"))
+    result = finetune(tiny_model, data, "high", settings=replace(FAST, lr=0.05), log=lambda *a: None)
+    assert result.report["best_epoch"] == -1
+    for (name, a), b in zip(base.state_dict().items(), result.forcefield.state_dict().values()):
+        torch.testing.assert_close(a.to(b.dtype), b, msg=name)  # the start, in the training dtype
