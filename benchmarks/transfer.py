@@ -32,8 +32,8 @@ Results are appended to benchmarks/results/transfer.json and the table rewritten
 import argparse
 import json
 import platform
+import hashlib
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -104,6 +104,24 @@ def train_base(train_set, epochs: int, options: dict, seed: int = 0):
     return forcefield, (time.perf_counter() - start) / 60
 
 
+def cached_base(train_set, held_out: str, per_level: int, epochs: int, options: dict, seed: int):
+    """[base, its training minutes, its checkpoint path]: the base is deterministic in its
+    settings, so it is trained once and then read from runs/transfer-bases/ (not committed)."""
+    from mfcalc.finetune import load_base
+    from mfcalc.modelfile import save_checkpoint
+
+    key = hashlib.sha256(json.dumps([held_out, per_level, epochs, options, seed], sort_keys=True).encode()).hexdigest()
+    path = ROOT / "runs" / "transfer-bases" / f"{held_out}-{key[:12]}.pt"
+    if path.exists():
+        forcefield, _ = load_base(str(path))
+        return forcefield, float(json.loads(path.with_suffix(".json").read_text())["minutes"]), path
+    forcefield, minutes = train_base(train_set, epochs, options, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, forcefield)
+    path.with_suffix(".json").write_text(json.dumps({"minutes": minutes}))
+    return forcefield, minutes, path
+
+
 def forces_gap(sets) -> float:
     """MP2 vs CCSD(T) forces MAE on the same geometries, eV/Å"""
     return float(np.mean([np.abs(a.forces - b.forces).mean() for a, b in zip(sets["mp2"], sets["cc"])]))
@@ -120,7 +138,7 @@ def machine() -> str:
 
 def zero_shot(held_out: str, per_level: int, n_test: int, epochs: int, options: dict, seed: int = 0) -> dict:
     train_set, tests, _ = base_data(held_out, per_level, n_test, seed)
-    forcefield, minutes = train_base(train_set, epochs, options, seed)
+    forcefield, minutes, _ = cached_base(train_set, held_out, per_level, epochs, options, seed)
     rows = {}
     for molecule, sets in tests.items():
         cc_err = cc_errors(forcefield, sets["cc"])
@@ -142,25 +160,23 @@ def zero_shot(held_out: str, per_level: int, n_test: int, epochs: int, options: 
 def few_shot(held_out: str, per_level: int, n_test: int, epochs: int, options: dict, points, scratch,
              seed: int = 0) -> dict:
     from mfcalc.finetune import finetune, finetune_settings
-    from mfcalc.modelfile import save_checkpoint
 
     train_set, tests, spare = base_data(held_out, per_level, n_test, seed)
     test = tests[held_out]["cc"]
-    forcefield, base_minutes = train_base(train_set, epochs, options, seed)
+    forcefield, base_minutes, cached = cached_base(train_set, held_out, per_level, epochs, options, seed)
     zero = cc_errors(forcefield, test)
-    workdir = Path(tempfile.mkdtemp())
-    save_checkpoint(workdir / "base.pt", forcefield)
     rows = []
     for n in sorted(set(points) | set(scratch)):
         data = spare[:n]
         if n in points:
             start = time.perf_counter()
-            result = finetune(str(workdir / "base.pt"), data, CC, replay=train_set, seed=seed, log=lambda *_: None)
+            result = finetune(str(cached), data, CC, replay=train_set, seed=seed, log=lambda *_: None)
             err = cc_errors(result.forcefield, test)
             rows.append({"n": n, "model": "fine-tuned", "forces_mae_meV_A": 1000 * err["forces_mae"],
                          "energy_mae_meV": 1000 * err["energy_mae"],
                          "energy_residual_std_meV": 1000 * err["energy_residual_std"],
-                         "epochs_run": result.report["epochs_run"], "minutes": round((time.perf_counter() - start) / 60, 2)})
+                         "epochs_run": result.report["epochs_run"], "lr": result.report["settings"]["lr"],
+                         "minutes": round((time.perf_counter() - start) / 60, 2)})
             print(rows[-1], flush=True)
         if n in scratch:
             fresh = new_network(data, options, seed)
@@ -172,7 +188,8 @@ def few_shot(held_out: str, per_level: int, n_test: int, epochs: int, options: d
             rows.append({"n": n, "model": "scratch (CCSD(T) of this molecule only)",
                          "forces_mae_meV_A": 1000 * err["forces_mae"], "energy_mae_meV": 1000 * err["energy_mae"],
                          "energy_residual_std_meV": 1000 * err["energy_residual_std"],
-                         "epochs_run": summary["epochs_run"], "minutes": round((time.perf_counter() - start) / 60, 2)})
+                         "epochs_run": summary["epochs_run"], "lr": settings.lr,
+                         "minutes": round((time.perf_counter() - start) / 60, 2)})
             print(rows[-1], flush=True)
     return {"experiment": "few-shot", "held_out": held_out, "per_level": per_level, "n_test": n_test,
             "epochs": epochs, "options": options, "base_minutes": round(base_minutes, 2),
@@ -238,18 +255,19 @@ def write(results: list, out: Path = RESULTS) -> None:
                   "with its defaults on N CCSD(T) frames of it (replaying the base's training frames), or after "
                   "training the same network from scratch on those N frames alone (same protocol). Targets: "
                   "fine-tuned N = 50 below gap / 2; scratch needs 10x the points for the same error.", "",
-                  "| held out | model options | N | model | CCSD(T) F MAE | E MAE (meV) | error / gap | epochs | min |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| held out | model options | N | model | CCSD(T) F MAE | E MAE (meV) | error / gap | lr | epochs | min |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in few:
             gap = r["mp2_vs_cc_forces_gap_meV_A"]
             lines.append(f"| {r['held_out']} | `{json.dumps(r['options'])}` | 0 | zero-shot base "
                          f"({r['base_minutes']:.1f} min) | {r['zero_shot_forces_mae_meV_A']:.1f} | | "
-                         f"{r['zero_shot_forces_mae_meV_A'] / gap:.2f} | | |")
+                         f"{r['zero_shot_forces_mae_meV_A'] / gap:.2f} | | | |")
             for row in r["rows"]:
                 lines.append(f"| {r['held_out']} | `{json.dumps(r['options'])}` | {row['n']} | {row['model']} "
                              f"| {row['forces_mae_meV_A']:.1f} | {row['energy_mae_meV']:.2f} "
-                             f"| {row['forces_mae_meV_A'] / gap:.2f} | {row['epochs_run']} | {row['minutes']:.1f} |")
-            lines.append(f"| | | | MP2-vs-CCSD(T) gap | {gap:.1f} | | 1 | | |")
+                             f"| {row['forces_mae_meV_A'] / gap:.2f} | {row.get('lr', 2e-3):.1e} | {row['epochs_run']} "
+                             f"| {row['minutes']:.1f} |")
+            lines.append(f"| | | | MP2-vs-CCSD(T) gap | {gap:.1f} | | 1 | | | |")
     for r in results:
         if r["experiment"] != "disjoint":
             continue
@@ -292,6 +310,12 @@ def main() -> None:
         row = few_shot(args.held_out, args.per_level, args.n_test, args.epochs, options, ints(args.points),
                        ints(args.scratch))
     same = (row["experiment"], row["held_out"], json.dumps(row["options"], sort_keys=True))
+    if row["experiment"] == "few-shot":  # keep an earlier run's rows of (N, model) not run again
+        for r in results:
+            if (r["experiment"], r["held_out"], json.dumps(r.get("options", {}), sort_keys=True)) == same:
+                done = {(x["n"], x["model"]) for x in row["rows"]}
+                row["rows"] = sorted([x for x in r["rows"] if (x["n"], x["model"]) not in done] + row["rows"],
+                                     key=lambda x: (x["n"], x["model"]))
     results = [r for r in results
                if (r["experiment"], r["held_out"], json.dumps(r.get("options", {}), sort_keys=True)) != same] + [row]
     args.results.mkdir(parents=True, exist_ok=True)
