@@ -24,6 +24,7 @@ import json
 import platform
 import sys
 import time
+from typing import Optional
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,7 +111,8 @@ def run(molecule: str, n: int, size: str, epochs: str, minutes: float, lr: float
     }
 
 
-def run_finetune(molecule: str, n: int, base: str, strategy: str, new_fidelity: bool, log) -> dict:
+def run_finetune(molecule: str, n: int, base: str, strategy: str, new_fidelity: bool, log,
+                 overrides: Optional[dict] = None) -> dict:
     """Fine-tune ``base`` on the same N frames with mfcalc's default protocol (validation split
     and early stopping inside the N frames) and test on the same test set."""
     from mfcalc.finetune import finetune
@@ -121,7 +123,8 @@ def run_finetune(molecule: str, n: int, base: str, strategy: str, new_fidelity: 
         train_set = [replace(s, fidelity=fidelity) for s in train_set]
         test_set = [replace(s, fidelity=fidelity) for s in test_set]
     start = time.perf_counter()
-    result = finetune(base, train_set, fidelity, new_fidelity=new_fidelity, strategy=strategy, log=log)
+    result = finetune(base, train_set, fidelity, new_fidelity=new_fidelity, strategy=strategy, log=log,
+                      setting_overrides=overrides)
     train_minutes = (time.perf_counter() - start) / 60
     forcefield = result.forcefield.double()
     graphs = to_graphs(test_set, forcefield.fidelities, forcefield.cutoff)
@@ -203,6 +206,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="full", choices=["embedding", "readout", "full"])
     parser.add_argument("--new-fidelity", action="store_true",
                         help="fit the data as a new fidelity instead of the base's PBE/def2-SVP")
+    parser.add_argument("--finetune-lr", type=float, default=None,
+                        help="with --base: this learning rate instead of the protocol's (lr_factor of the start error)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "rmd17"))
     args = parser.parse_args()
     out = Path(args.results)
@@ -213,7 +218,8 @@ def main() -> None:
     for molecule in args.molecules:
         for n in args.n:
             if args.base:
-                row = run_finetune(molecule, n, args.base, args.strategy, args.new_fidelity, log=lambda *_: None)
+                row = run_finetune(molecule, n, args.base, args.strategy, args.new_fidelity, log=lambda *_: None,
+                                   overrides={"lr": args.finetune_lr})
             else:
                 row = run(molecule, n, args.model_size, args.epochs, args.minutes, args.lr, args.batch_size,
                           args.energy_weight, log=lambda *_: None, options=json.loads(args.model_options))
