@@ -145,8 +145,8 @@ def test_the_learning_rate_follows_how_far_the_base_starts():
     full = LEARNING_RATES["full"]
     assert finetune_settings(40).lr == pytest.approx(full)
     assert finetune_settings(40, start_forces_mae=0.3).lr == pytest.approx(full)
-    assert finetune_settings(40, start_forces_mae=0.05).lr == pytest.approx(full / 2)
-    assert finetune_settings(40, start_forces_mae=0.001).lr == pytest.approx(full / 10)
+    assert finetune_settings(40, start_forces_mae=0.035).lr == pytest.approx(full * 0.7)
+    assert finetune_settings(40, start_forces_mae=0.001).lr == pytest.approx(full * 0.4)
     assert finetune_settings(40, start_forces_mae=0.001, lr=3e-3).lr == pytest.approx(3e-3)
 
 
