@@ -41,7 +41,9 @@ from .data import (
 from .domain import domain_statistics
 from .model import default_config
 from .modelfile import build_forcefield, checksum, export_model, load_checkpoint, save_checkpoint
-from .training import TrainSettings, distributed_rank_world, evaluate, init_distributed, to_graphs, train
+from .training import (
+    TrainSettings, distributed_rank_world, evaluate, init_distributed, leave_distributed, to_graphs, train,
+)
 
 READERS = {
     "extxyz": read_extxyz,
@@ -171,10 +173,7 @@ def run_recipe(
         torch.distributed.all_gather_object(sums, checksum(forcefield))
         if rank == 0:
             (out_dir / "ranks.json").write_text(json.dumps({"world_size": world, "checksums": sums}))
-        # leave the group together: a rank that exits with gloo's threads still running aborts
-        # ("terminate called without an active exception") and torchrun then kills rank 0 too
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        leave_distributed()
         if rank != 0:
             return {}
 

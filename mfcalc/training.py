@@ -335,6 +335,33 @@ def init_distributed() -> bool:
     return True
 
 
+def leave_distributed(poll_seconds: float = 0.01, timeout_seconds: float = 300.0) -> None:
+    """Leave the process group without a rank aborting on the way out.
+
+    A gloo barrier followed at once by destroying the group is a known race (pytorch/gloo#155):
+    a rank that tears its connections down while a peer still finishes the barrier makes that
+    peer abort ("terminate called without an active exception", SIGABRT) and torchrun then
+    kills the other ranks too, after the training itself had succeeded. So: every rank passes
+    the barrier; then the ranks take their connections down one at a time, highest rank first,
+    each waiting (on the rendezvous key-value store, not on gloo) until every higher rank has
+    left, so no rank ever has gloo work in flight when a peer closes its side."""
+    rank, world = distributed_rank_world()
+    if world <= 1:
+        return
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = _get_default_store()
+    torch.distributed.barrier()
+    deadline = time.monotonic() + timeout_seconds
+    while int(store.add("mfcalc/left", 0)) < world - 1 - rank:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: the higher ranks did not leave the process group "
+                               f"within {timeout_seconds:.0f} s")
+        time.sleep(poll_seconds)
+    torch.distributed.destroy_process_group()
+    store.add("mfcalc/left", 1)
+
+
 def _average_gradients(parameters: List[torch.Tensor], world: int) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
     flat = torch.cat([g.reshape(-1) for g in grads])
