@@ -146,11 +146,7 @@ class CompiledForceField:
         fidelities = self.forcefield.fidelities
         if fidelity < 0 or fidelity >= len(fidelities):
             raise ValueError("fidelity index out of range; this model has fidelities " + ", ".join(fidelities))
-        species = self.forcefield.species_of_z[numbers]
-        if bool((species < 0).any()):
-            unknown = torch.unique(numbers[species < 0]).tolist()
-            raise ValueError(f"structure has atomic number(s) {unknown} that this model does not know; "
-                             f"it knows atomic numbers {self.forcefield.elements}")
+        species = self.forcefield.species(numbers)
         n_atoms = positions.shape[0]
         if (edges is None and backend in ("auto", "dense") and not bool(pbc.any())
                 and 1 < n_atoms <= DENSE_GRAPH_MAX_ATOMS):

@@ -31,6 +31,18 @@ class ForceField(nn.Module):
             table[z] = index
         self.register_buffer("species_of_z", table)
 
+    def species(self, numbers: Tensor) -> Tensor:
+        """The model's element index of each atomic number; an error naming the atomic numbers the
+        model was not trained on."""
+        species = self.species_of_z[numbers]
+        if bool((species < 0).any()):
+            unknown: List[int] = torch.unique(numbers[species < 0]).tolist()
+            raise ValueError(
+                "structure has atomic number(s) " + str(unknown)
+                + " that this model does not know; it knows atomic numbers " + str(self.elements)
+            )
+        return species
+
     def forward(
         self,
         positions: Tensor,
@@ -50,13 +62,7 @@ class ForceField(nn.Module):
         Returns energy (B,), energies (N,), min_distance (shortest pair, when there are pairs),
         and forces (N, 3) / stress (B, 3, 3) when asked.
         """
-        species = self.species_of_z[numbers]
-        if bool((species < 0).any()):
-            unknown: List[int] = torch.unique(numbers[species < 0]).tolist()
-            raise ValueError(
-                "structure has atomic number(s) " + str(unknown)
-                + " that this model does not know; it knows atomic numbers " + str(self.elements)
-            )
+        species = self.species(numbers)
         n_structures = fidelity.shape[0]
         positions = positions.detach().requires_grad_(compute_forces or compute_stress)
         inputs: List[Tensor] = [positions]
@@ -111,10 +117,7 @@ class ForceField(nn.Module):
         list: positions (R, N, 3), numbers (R, N), fidelity (R,). The same numbers as ``forward``
         on their flat batch, in its layout: energy (R,), energies (R N,), forces (R N, 3). Used by
         training for batches of same-size molecules (no scatter in the double backward)."""
-        species = self.species_of_z[numbers]
-        if bool((species < 0).any()):
-            raise ValueError(f"structure has atomic number(s) {torch.unique(numbers[species < 0]).tolist()} that "
-                             f"this model does not know; it knows atomic numbers {self.elements}")
+        species = self.species(numbers)
         positions = positions.detach().requires_grad_(compute_forces)
         energies, _ = self.model.dense_energies(species, positions, fidelity)
         energy = energies.sum(dim=1)

@@ -51,3 +51,25 @@ def test_dense_graph_equals_the_pair_list(forcefield_factory, mode, envelope, ne
         torch.testing.assert_close(forces[k], flat_forces, atol=1e-10, rtol=0)
     assert float(shortest.detach()) == pytest.approx(min(a.get_all_distances()[np.triu_indices(9, 1)].min()
                                                 for a in structures))
+
+
+def test_every_layout_names_the_atomic_numbers_the_model_does_not_know(forcefield_factory):
+    """The pair-list forward, the dense layout, the TorchScript file and the compiled path share
+    one element check: the same error, naming the unknown atomic number and the known ones."""
+    from mfcalc.compiled import CompiledForceField
+
+    forcefield = forcefield_factory(seed=0).eval()
+    atoms = molecule("CH3CH2OH")
+    atoms.numbers[2] = 7  # nitrogen: the test model knows H, C, O, Si
+    message = r"atomic number\(s\) \[7\] that this model does not know; it knows atomic numbers \[1, 6, 8, 14\]"
+    with pytest.raises(ValueError, match=message):
+        _flat(forcefield, atoms, 0)
+    positions = torch.tensor(atoms.positions, dtype=torch.float64).unsqueeze(0)
+    with pytest.raises(ValueError, match=message):
+        forcefield.dense_forward(positions, torch.tensor(atoms.numbers).unsqueeze(0), torch.tensor([0]))
+    with pytest.raises(Exception, match=message):
+        _flat(torch.jit.script(forcefield), atoms, 0)
+    cell = torch.zeros((3, 3), dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        CompiledForceField(forcefield).compute(positions[0], torch.tensor(atoms.numbers), cell,
+                                               torch.zeros(3, dtype=torch.bool), 0)
