@@ -6,8 +6,9 @@ MP2/cc-pVDZ gradients computed with PySCF via `mfcalc label --forces`, see data/
     python benchmarks/cc_forces.py [--model chno-mf] [--recipe recipes/chno-mf.yaml] [--out cc_forces]
 
 Frames are grouped by whether their molecule is held out of the model's training (the recipe's
-``held_out`` test and val lists: every frame of them, at every fidelity, was out of training) or
-not. Forces MAE in meV/Å over all force components; energies are compared after removing each
+``held_out`` test and val lists: every frame of them, at every fidelity, was out of training), a
+frame the model trained on, or a frame of a training molecule labelled after the model was trained
+(beyond the recipe's ``index`` for the reference file). Forces MAE in meV/Å over all force components; energies are compared after removing each
 molecule's mean offset (the levels differ by whole hartrees), as the spread of the residual.
 Writes benchmarks/results/<out>.md and .json.
 """
@@ -58,6 +59,20 @@ def errors(pred_f, ref_f, pred_e, ref_e, names) -> dict:
     return {"forces_mae_meV_A": float(f), "energy_spread_meV": float(1000 * np.std(centred)), "n_frames": len(names)}
 
 
+def trained_frames(recipe: dict, n_frames: int) -> set:
+    """Indices of the reference file's frames the recipe trains on: its dataset entry for that
+    file reads ``index`` (a slice such as ":90"; the labeller appends frames after a model is
+    trained), every frame when it has none, none when the recipe does not read the file."""
+    for entry in recipe.get("datasets", []):
+        if Path(entry["path"]).name == REFERENCE.name:
+            index = str(entry.get("index", ":"))
+            parts = [int(p) if p.strip() else None for p in index.split(":")]
+            if len(parts) == 1:
+                return {parts[0] % n_frames}
+            return set(range(n_frames)[slice(*parts)])
+    return set()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="chno-mf")
@@ -67,8 +82,13 @@ def main():
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     held = set(recipe.get("held_out", {}).get("test", [])) | set(recipe.get("held_out", {}).get("val", []))
     reference = read(REFERENCE, ":")
-    groups = {"held-out molecules": [a for a in reference if a.info.get("name") in held],
-              "training molecules": [a for a in reference if a.info.get("name") not in held]}
+    trained = trained_frames(recipe, len(reference))
+    groups = {"held-out molecules": [a for i, a in enumerate(reference) if a.info.get("name") in held],
+              "training molecules": [a for i, a in enumerate(reference)
+                                     if a.info.get("name") not in held and i in trained],
+              "new frames of training molecules": [a for i, a in enumerate(reference)
+                                                   if a.info.get("name") not in held and i not in trained]}
+    groups = {name: frames for name, frames in groups.items() if frames}
     meta = read_metadata(resolve_model_path(args.model))
     cheap = {label: frames_by_key(path) for label, path in CHEAP.items()}
     results = {"model": args.model, "checksum": meta.get("checksum"), "groups": {}}
