@@ -6,6 +6,7 @@
 
 from .version import __version__  # noqa: E402
 from .calculator import MFCalculator  # noqa: E402
+from .committee import MFCommittee  # noqa: E402
 from .mdguard import MDGuard, MDInstabilityError  # noqa: E402
 from .modelfile import ModelFileError, export_model, load_model, read_metadata  # noqa: E402
 from .neighbors import neighbor_list  # noqa: E402
@@ -16,6 +17,7 @@ __all__ = [
     "MDGuard",
     "MDInstabilityError",
     "MFCalculator",
+    "MFCommittee",
     "ModelFileError",
     "Potential",
     "ReplicaMD",

@@ -104,3 +104,33 @@ def test_cli_info_and_md(tmp_path):
         capture_output=True, text=True,
     )
     assert bad.returncode == 1 and "unknown fidelity 'CCSDT'" in bad.stderr
+
+
+def test_shipped_committee_conserves_energy_and_says_where_its_members_disagree():
+    """MFCommittee("ethanol-mf"): the two shipped networks averaged. NVE with the mean potential
+    conserves energy; a stretched O-H bond, far from the training data, makes the members disagree
+    more than near the minimum."""
+    from mfcalc import MFCommittee
+
+    atoms = molecule("CH3CH2OH")
+    committee = MFCommittee("ethanol-mf", fidelity="CCSD(T)", dtype="float64")
+    assert [p.name for p in committee.paths] == ["model.pt", "member-1.pt"]
+    atoms.calc = committee
+    thermalize(atoms, 300, np.random.default_rng(2))
+    ZeroRotation(atoms)
+    dyn = VelocityVerlet(atoms, 0.25 * units.fs)
+    energies = []
+    dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=10)
+    dyn.run(400)  # 0.1 ps
+    assert np.ptp(energies) / len(atoms) < 2e-3
+    near = molecule("CH3CH2OH")
+    near.calc = committee
+    near.get_forces()
+    quiet = committee.results["max_force_deviation"]
+    stretched = molecule("CH3CH2OH")
+    o = [a.index for a in stretched if a.symbol == "O"][0]
+    h = min((a.index for a in stretched if a.symbol == "H"), key=lambda k: stretched.get_distance(o, k))
+    stretched.positions[h] += 0.5 * (stretched.positions[h] - stretched.positions[o])  # O-H 0.97 -> 1.46 Å
+    stretched.calc = committee
+    stretched.get_forces()
+    assert committee.results["max_force_deviation"] > 3 * quiet
