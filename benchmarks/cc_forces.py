@@ -4,6 +4,7 @@ next to what running a cheaper method itself would cost on the same geometries (
 MP2/cc-pVDZ gradients computed with PySCF via `mfcalc label --forces`, see data/chno/README.md).
 
     python benchmarks/cc_forces.py [--model chno-mf] [--recipe recipes/chno-mf.yaml] [--out cc_forces]
+    python benchmarks/cc_forces.py --model A.pt B.pt ...     # a committee (mfcalc.MFCommittee) of them
 
 Frames are grouped by whether their molecule is held out of the model's training (the recipe's
 ``held_out`` test and val lists: every frame of them, at every fidelity, was out of training), a
@@ -22,7 +23,7 @@ from ase.io import read
 
 from common import write_results
 
-from mfcalc import MFCalculator
+from mfcalc import MFCalculator, MFCommittee
 from mfcalc.modelfile import read_metadata, resolve_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,8 @@ def trained_frames(recipe: dict, n_frames: int) -> set:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="chno-mf")
+    parser.add_argument("--model", nargs="+", default=["chno-mf"],
+                        help="a model, or several: their committee (mean of the members)")
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "chno-mf.yaml"))
     parser.add_argument("--out", default="cc_forces")
     args = parser.parse_args()
@@ -89,9 +91,10 @@ def main():
               "new frames of training molecules": [a for i, a in enumerate(reference)
                                                    if a.info.get("name") not in held and i not in trained]}
     groups = {name: frames for name, frames in groups.items() if frames}
-    meta = read_metadata(resolve_model_path(args.model))
+    meta = read_metadata(resolve_model_path(args.model[0]))
+    model_label = " + ".join(args.model)
     cheap = {label: frames_by_key(path) for label, path in CHEAP.items()}
-    results = {"model": args.model, "checksum": meta.get("checksum"), "groups": {}}
+    results = {"model": model_label, "checksum": meta.get("checksum"), "groups": {}}
     for group, frames in groups.items():
         names = [a.info.get("name") for a in frames]
         ref_f = [forces(a) for a in frames]
@@ -103,7 +106,10 @@ def main():
                 rows["method itself: " + label] = errors([forces(x) for x in found], ref_f,
                                                          [energy(x) for x in found], ref_e, names)
         for fidelity in meta["fidelities"]:
-            calc = MFCalculator(args.model, fidelity=fidelity, dtype="float64")
+            if len(args.model) > 1:
+                calc = MFCommittee(args.model, fidelity=fidelity, dtype="float64")
+            else:
+                calc = MFCalculator(args.model[0], fidelity=fidelity, dtype="float64")
             pred_f, pred_e = [], []
             for a in frames:
                 b = a.copy()
@@ -118,8 +124,9 @@ def main():
                         pred_f, [forces(x) for x in own], pred_e, [energy(x) for x in own], names)
         results["groups"][group] = {"molecules": sorted(set(names)), "rows": rows, "own_method": own_rows,
                                     "mean_abs_force_eV_A": float(np.mean(np.abs(np.concatenate([f.ravel() for f in ref_f]))))}
-    lines = [f"# Forces against CCSD(T)/cc-pVDZ gradients (`python benchmarks/cc_forces.py --model {args.model}`)", "",
-             f"Model `{args.model}` (checksum {str(meta.get('checksum'))[:12]}). Reference: PySCF all-electron "
+    lines = [f"# Forces against CCSD(T)/cc-pVDZ gradients (`python benchmarks/cc_forces.py --model "
+             f"{' '.join(args.model)} --recipe {Path(args.recipe).name}`)", "",
+             f"Model `{model_label}` (checksum of the first: {str(meta.get('checksum'))[:12]}). Reference: PySCF all-electron "
              "CCSD(T)/cc-pVDZ analytic gradients of distorted small molecules (data/chno). 'method itself' rows: "
              "that cheaper method run with PySCF on the same geometries (what skipping coupled cluster costs). "
              "Energy: std of the residual after removing each molecule's mean offset.", ""]

@@ -121,6 +121,12 @@ class MFCommittee(Calculator):
         shared = set.intersection(*(set(m.fidelities) for m in self.members))
         return [f for f in self.members[0].fidelities if f in shared]
 
+    @property
+    def domain_warnings(self) -> List[str]:
+        """The members' reasons (``MFCalculator.domain_warnings``) why the latest structure is
+        unlike their training data, each reason once."""
+        return list(dict.fromkeys(w for m in self.members for w in getattr(m, "domain_warnings", [])))
+
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> List[str]:
         if self.atoms is None:
             return list(all_changes)

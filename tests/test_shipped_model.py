@@ -134,3 +134,19 @@ def test_shipped_committee_conserves_energy_and_says_where_its_members_disagree(
     stretched.calc = committee
     stretched.get_forces()
     assert committee.results["max_force_deviation"] > 3 * quiet
+
+
+def test_committee_gathers_its_members_domain_warnings():
+    import warnings
+
+    from mfcalc import MFCommittee
+
+    committee = MFCommittee("ethanol-mf", fidelity="CCSD(T)")
+    benzene = molecule("C6H6")
+    benzene.calc = committee
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        benzene.get_potential_energy()
+    reasons = committee.domain_warnings
+    assert reasons and len(reasons) == len(set(reasons))
+    assert any("bonding environment" in r for r in reasons)
