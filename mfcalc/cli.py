@@ -662,8 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"model name or file (default {DEFAULT_MODEL})")
     p.add_argument("--fidelity", help="level of theory driving the MD (a cheap one)")
     p.add_argument("-n", type=positive_int, default=50, help="structures to pick")
-    p.add_argument("--select", choices=["fps", "spread"], default="fps",
-                   help="farthest-point on a structure descriptor, or weighted by cross-fidelity spread")
+    p.add_argument("--select", choices=["fps", "spread", "committee"], default="fps",
+                   help="farthest-point on a structure descriptor ('fps'), weighted by cross-fidelity spread "
+                        "('spread'), or by the disagreement of a committee ('committee': --model is a folder "
+                        "with committee.json, e.g. ethanol-mf; the MD runs with its first member)")
     p.add_argument("--temperature", type=nonnegative_float, default=500.0, help="K")
     p.add_argument("--steps", type=positive_int, help="MD steps (default: a pool of 10 n frames)")
     p.add_argument("--interval", type=positive_int, default=10, help="MD steps between pool frames")

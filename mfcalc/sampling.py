@@ -4,7 +4,10 @@ The few-points story (``mfcalc sample`` -> ``mfcalc label`` -> ``mfcalc finetune
 points to cover what MD will visit. Consecutive MD frames are nearly the same structure, so a
 pool of frames from a Langevin run is thinned by farthest-point sampling on a structural
 descriptor ("fps"), optionally weighted by how much the model's fidelities disagree on each
-frame ("spread": where the levels of theory differ most is where a high-level label teaches most).
+frame ("spread": where the levels of theory differ most is where a high-level label teaches most)
+or by how much a committee of models disagrees on it ("committee": active learning, the frames
+where the models are least sure; ``model`` is then a committee folder, see mfcalc.committee, and
+the MD runs with its first member).
 """
 
 import sys
@@ -15,7 +18,7 @@ from ase import Atoms
 
 from .modelfile import DEFAULT_MODEL
 
-SELECTIONS = ("fps", "spread")
+SELECTIONS = ("fps", "spread", "committee")
 STDOUT = "stdout"  # log default: the sys.stdout of the moment of the call (None: no progress)
 
 
@@ -74,8 +77,10 @@ def sample(
 
     A frame is kept every ``interval`` steps after the first 10 % of the run (equilibration);
     ``steps`` defaults to a pool of 10 n frames. ``select``: "fps" (farthest-point sampling on
-    :func:`descriptor`) or "spread" (the same, each frame weighted by the spread of the model's
-    fidelities on it, :meth:`MFCalculator.predict_all_fidelities`). Every frame's ``info`` records
+    :func:`descriptor`), "spread" (the same, each frame weighted by the spread of the model's
+    fidelities on it, :meth:`MFCalculator.predict_all_fidelities`) or "committee" (each frame
+    weighted by the largest force deviation of the committee ``model`` names,
+    :class:`mfcalc.MFCommittee`, recorded as ``committee_max_force_deviation_eV_per_A``). Every frame's ``info`` records
     the model, fidelity, temperature, MD step, and the cross-fidelity spreads (eV, eV/Å). A run
     that goes unphysical (see :mod:`mfcalc.mdguard`) raises ``MDInstabilityError``."""
     from .calculator import MFCalculator
@@ -104,6 +109,13 @@ def sample(
             f"steps after equilibration, fewer than the {n} asked for; raise steps to at least "
             f"{int(np.ceil(n * interval / 0.9))}"
         )
+    committee = None
+    if select == "committee":
+        from .committee import MFCommittee, committee_members
+
+        members = committee_members(model)  # before the MD: a model that is not a committee says so now
+        committee = MFCommittee(members, fidelity=fidelity, dtype=dtype, device=device, threads=threads)
+        model = str(members[0])
     atoms = structure.copy()
     calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device, threads=threads)
     atoms.calc = calc
@@ -143,6 +155,13 @@ def sample(
     if spreads:
         force_spread = np.array([spreads[k]["forces_spread"].mean() for k in range(len(pool))])
         weights = force_spread / force_spread.mean()
+    deviations = {}
+    if committee is not None:
+        for k, frame in enumerate(pool):
+            committee.get_forces(frame)
+            deviations[k] = committee.results["max_force_deviation"]
+        values = np.array([deviations[k] for k in range(len(pool))])
+        weights = values / max(float(values.mean()), 1e-12)
     picked = farthest_point(features, n, weights)
     out = []
     for k in picked:
@@ -151,6 +170,8 @@ def sample(
             sampled_with=str(calc.metadata.get("path", model)), sampled_fidelity=calc.fidelity,
             sampled_temperature_K=float(temperature), selection=select,
         )
+        if k in deviations:
+            frame.info["committee_max_force_deviation_eV_per_A"] = float(deviations[k])
         if several:
             spread = spreads[k] if k in spreads else calc.predict_all_fidelities(frame)
             frame.info.update(fidelity_energy_spread_eV=spread["energy_spread"],

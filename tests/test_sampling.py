@@ -69,6 +69,30 @@ def test_spread_selection_and_bad_requests(tiny_model):
         sample(molecule("CH3CH2OH"), model=str(tiny_model), n=50, steps=100, log=None)
 
 
+def test_committee_selection_picks_where_the_members_disagree(tiny_model):
+    """select="committee" on the shipped ethanol-mf committee: the MD runs with its first member,
+    every pick records the committee's deviation, and the picks are more uncertain than plain
+    farthest-point picks from the same pool (the same seed gives the same MD)."""
+    from mfcalc import MFCommittee, ModelFileError
+
+    run = dict(model="ethanol-mf", fidelity="CCSD(T)", n=4, steps=300, interval=5, temperature=600.0,
+               log=None, seed=3)
+    picked = sample(molecule("CH3CH2OH"), select="committee", **run)
+    assert all(f.info["sampled_with"].endswith("model.pt") for f in picked)
+    deviation = [f.info["committee_max_force_deviation_eV_per_A"] for f in picked]
+    committee = MFCommittee("ethanol-mf", fidelity="CCSD(T)")
+    committee.get_forces(picked[0])
+    assert committee.results["max_force_deviation"] == pytest.approx(deviation[0], rel=1e-6)
+    plain = sample(molecule("CH3CH2OH"), select="fps", **run)
+    plain_deviation = []
+    for frame in plain:
+        committee.get_forces(frame)
+        plain_deviation.append(committee.results["max_force_deviation"])
+    assert np.mean(deviation) > np.mean(plain_deviation)
+    with pytest.raises(ModelFileError, match="single model"):
+        sample(molecule("CH3CH2OH"), model=str(tiny_model), select="committee", n=2, steps=100, log=None)
+
+
 def test_command_line_writes_structures_that_label_reads(tiny_model, tmp_path):
     out = tmp_path / "picked.xyz"
     run = subprocess.run(
