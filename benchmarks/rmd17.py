@@ -3,7 +3,8 @@ split, test on the full test split; energy and forces MAE per molecule, next to 
 MACE and NequIP numbers (Batatia et al. 2022, Table 2 / low-data table).
 
     python benchmarks/rmd17.py --molecules benzene ethanol --n 50 [--n 1000] [--model-size default]
-        [--epochs auto] [--results benchmarks/results/rmd17] [--tag NAME]
+        [--epochs auto] [--results benchmarks/results/rmd17] [--tag NAME] [--save-models DIR]
+    python benchmarks/rmd17.py --molecules benzene --n 50 --committee DIR/a.pt DIR/b.pt --tag NAME
 
 Data: ../shared/data/rmd17/rmd17_<molecule>_{train,test}_01.npz (PBE/def2-SVP labels, kcal/mol ->
 eV in mfcalc.data.read_rmd17_npz). Ethanol is not in that folder: the shared data hold only its
@@ -108,7 +109,7 @@ def run(molecule: str, n: int, size: str, epochs: str, minutes: float, lr: float
         "config": {k: v for k, v in config.items() if k not in ("elements", "fidelities")},
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "best_epoch": summary["best_epoch"],
-    }
+    }, forcefield
 
 
 def run_finetune(molecule: str, n: int, base: str, strategy: str, new_fidelity: bool, log,
@@ -140,6 +141,35 @@ def run_finetune(molecule: str, n: int, base: str, strategy: str, new_fidelity: 
         "new_fidelity": new_fidelity, "best_epoch": result.report["best_epoch"],
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
+    }, forcefield
+
+
+def run_committee(molecule: str, n: int, members: list) -> dict:
+    """The mean of already trained models (``--save-models`` files of earlier rows) on the same
+    test set: mfcalc.MFCommittee, float64."""
+    from ase import Atoms
+
+    from mfcalc import MFCommittee
+    from mfcalc.modelfile import read_metadata
+
+    _, test_set = load(molecule, n)
+    committee = MFCommittee(members, fidelity=FIDELITY, dtype="float64", threads=1, compile=False)
+    de, df = [], []
+    for s in test_set:
+        atoms = Atoms(numbers=s.numbers, positions=s.positions)
+        atoms.calc = committee
+        de.append(atoms.get_potential_energy() - s.energy)
+        df.append((atoms.get_forces() - s.forces).ravel())
+    meta = [read_metadata(m) for m in members]
+    return {
+        "molecule": molecule, "n_train": n, "n_test": len(test_set), "size": f"committee of {len(members)}",
+        "epochs": sum(int(m.get("epochs", 0)) for m in meta), "steps": 0, "batch_size": 0, "lr": 0.0,
+        "energy_weight": 0.0, "train_minutes": round(sum(float(m.get("train_minutes", 0)) for m in meta), 2),
+        "energy_mae_meV": 1000 * float(np.mean(np.abs(de))),
+        "forces_mae_meV_A": 1000 * float(np.mean(np.abs(np.concatenate(df)))),
+        "parameters": 0, "members": [Path(m).name for m in members],
+        "member_tags": [m.get("rmd17_tag") for m in meta], "best_epoch": -1,
+        "machine": f"{platform.processor() or platform.machine()}, 1 threads", "torch": torch.__version__,
     }
 
 
@@ -208,6 +238,10 @@ def main() -> None:
                         help="fit the data as a new fidelity instead of the base's PBE/def2-SVP")
     parser.add_argument("--finetune-lr", type=float, default=None,
                         help="with --base: this learning rate instead of the protocol's (lr_factor of the start error)")
+    parser.add_argument("--save-models", metavar="DIR",
+                        help="export each row's model to DIR/<molecule>-n<N>-<tag>.pt (for --committee)")
+    parser.add_argument("--committee", nargs="+", metavar="MODEL",
+                        help="no training: the row is the committee (mean) of these --save-models files")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "rmd17"))
     args = parser.parse_args()
     out = Path(args.results)
@@ -217,13 +251,28 @@ def main() -> None:
     tag = args.tag or (f"ft-{Path(args.base).stem}-{args.strategy}" if args.base else args.model_size)
     for molecule in args.molecules:
         for n in args.n:
-            if args.base:
-                row = run_finetune(molecule, n, args.base, args.strategy, args.new_fidelity, log=lambda *_: None,
-                                   overrides={"lr": args.finetune_lr})
+            forcefield = None
+            if args.committee:
+                row = run_committee(molecule, n, args.committee)
+            elif args.base:
+                row, forcefield = run_finetune(molecule, n, args.base, args.strategy, args.new_fidelity,
+                                               log=lambda *_: None, overrides={"lr": args.finetune_lr})
             else:
-                row = run(molecule, n, args.model_size, args.epochs, args.minutes, args.lr, args.batch_size,
-                          args.energy_weight, log=lambda *_: None, options=json.loads(args.model_options))
+                row, forcefield = run(molecule, n, args.model_size, args.epochs, args.minutes, args.lr,
+                                      args.batch_size, args.energy_weight, log=lambda *_: None,
+                                      options=json.loads(args.model_options))
             row["tag"] = tag
+            if args.save_models and forcefield is not None:
+                from mfcalc.modelfile import export_model
+
+                path = Path(args.save_models) / f"{molecule}-n{n}-{tag}.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                export_model(forcefield.eval(), path, dtype=torch.float64, metadata={
+                    "default_fidelity": FIDELITY, "rmd17_tag": tag, "epochs": row["epochs"],
+                    "train_minutes": row["train_minutes"],
+                    "training_data": [{"fidelity": FIDELITY, "source": f"rMD17 {molecule}, {n} frames "
+                                       "(benchmarks/rmd17.py protocol)"}]})
+                row["saved_model"] = str(path)
             row["command"] = "python benchmarks/rmd17.py " + " ".join(sys.argv[1:])
             print(f"{molecule} N={n} {tag}: E {row['energy_mae_meV']:.2f} meV, F {row['forces_mae_meV_A']:.1f} meV/Å "
                   f"({row['train_minutes']:.1f} min, {row['epochs']} epochs)", flush=True)
