@@ -324,7 +324,7 @@ def _cmd_md(args: argparse.Namespace) -> None:
         args.structure, model=args.model, fidelity=args.fidelity, temperature=args.temperature,
         steps=args.steps, timestep=args.timestep, out=args.out, seed=args.seed, interval=args.interval,
         dtype=args.dtype, device=args.device, compile=args.compile, overwrite=args.force,
-        check_geometry=not args.no_guard, threads=args.threads,
+        check_geometry=not args.no_guard, threads=args.threads, committee=args.committee,
     )
 
 
@@ -652,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "first step (~30-40 s, then ~4x fewer ms per step on CPU); 'no': TorchScript only")
     p.add_argument("--no-guard", action="store_true",
                    help="let bonds break and atoms leave (the energy, force and temperature checks stay on)")
+    p.add_argument("--committee", action="store_true",
+                   help="--model is a committee (a folder with committee.json, e.g. ethanol-mf): MD on the mean "
+                        "of its members; each written frame records their max_force_deviation (eV/Å)")
     force(p)
     p.set_defaults(func=_cmd_md)
 

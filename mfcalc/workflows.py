@@ -171,9 +171,14 @@ def run_md(
     out: str = "md.traj", friction: float = 0.01, seed: int = 0, interval: int = 10,
     dtype: Optional[str] = None, device: str = "auto", log=None, compile=None,
     overwrite: bool = True, guard: bool = True, check_geometry: bool = True, threads="auto",
+    committee: bool = False,
 ) -> Atoms:
     """Langevin NVT; writes every ``interval``-th frame to ``out`` (.traj, .xyz or .extxyz; checked
     before anything runs) and prints progress and, at the end, where it wrote.
+
+    ``committee``: ``model`` is a committee (a folder with committee.json, see mfcalc.committee);
+    the MD runs on the mean of its members and every written frame records their disagreement in
+    ``info["max_force_deviation"]`` (eV/Å), shown in the progress line too.
 
     ``guard``: an :class:`~mfcalc.mdguard.MDGuard` checks every step and stops a run that goes
     unphysical with :class:`~mfcalc.mdguard.MDInstabilityError` (the trajectory written so far
@@ -182,6 +187,7 @@ def run_md(
     choose the force path and the thread policy (see MFCalculator). ``log``:
     where progress goes (default stdout)."""
     from .calculator import MFCalculator
+    from .committee import MFCommittee
     from .mdguard import MDGuard, MDInstabilityError, hint
 
     log = log or sys.stdout
@@ -189,8 +195,8 @@ def run_md(
     _check_md_settings(temperature, steps, timestep, interval)
     check_output(out, force=overwrite, what="MD trajectory")
     atoms = read_structure(structure) if isinstance(structure, str) else structure
-    atoms.calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device, compile=compile,
-                              threads=threads)
+    options = dict(fidelity=fidelity, dtype=dtype, device=device, compile=compile, threads=threads)
+    atoms.calc = MFCommittee(model, **options) if committee else MFCalculator(model, **options)
     if compile is True:
         compile_notice(atoms)
     atoms.get_forces()  # errors of the input structure surface here, as themselves
@@ -201,6 +207,9 @@ def run_md(
         dyn.attach(MDGuard(atoms, temperature=temperature, timestep=timestep, check_geometry=check_geometry,
                            step=lambda: dyn.nsteps), interval=1)
     writer = TrajectoryWriter(out, atoms, interval)
+    if committee:  # the members' disagreement goes into each written frame
+        dyn.attach(lambda: atoms.info.update(max_force_deviation=atoms.calc.results["max_force_deviation"]),
+                   interval=interval)
     dyn.attach(lambda: writer.write(dyn.nsteps), interval=interval)
     dyn.attach(_progress(dyn, atoms, steps, log), interval=max(1, steps // 100))
     try:
@@ -237,6 +246,8 @@ def _progress(dyn, atoms: Atoms, steps: int, log):
         log.write(
             f"\rstep {done:7d}/{steps}  {rate:7.1f} steps/s  T {atoms.get_temperature():7.1f} K  "
             f"Epot {atoms.get_potential_energy():.4f} eV  [{atoms.calc.fidelity}]"
+            + (f"  max dev {1000 * atoms.calc.results['max_force_deviation']:.0f} meV/Å"
+               if "max_force_deviation" in atoms.calc.results else "")
         )
         log.flush()
 

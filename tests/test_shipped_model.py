@@ -150,3 +150,21 @@ def test_committee_gathers_its_members_domain_warnings():
     reasons = committee.domain_warnings
     assert reasons and len(reasons) == len(set(reasons))
     assert any("bonding environment" in r for r in reasons)
+
+
+def test_cli_md_on_a_committee_records_the_deviation_in_every_frame(tmp_path):
+    out = tmp_path / "md.extxyz"
+    md = subprocess.run(
+        [sys.executable, "-m", "mfcalc.cli", "md", "CH3CH2OH", "--model", "ethanol-mf", "--committee",
+         "--fidelity", "CCSD(T)", "--steps", "30", "--compile", "no", "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert md.returncode == 0, md.stderr
+    assert "max dev" in md.stdout
+    frames = read(str(out), index=":")
+    assert len(frames) == 4 and all(0 < f.info["max_force_deviation"] < 1.0 for f in frames)
+    single = subprocess.run(
+        [sys.executable, "-m", "mfcalc.cli", "md", "CH3CH2OH", "--committee", "--steps", "5",
+         "--out", str(tmp_path / "x.xyz")], capture_output=True, text=True,
+    )
+    assert single.returncode == 1 and "committee.json" in single.stderr  # chno-mf is a single model
