@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from ase.io import read
+from ase.io.formats import string2index
 
 from common import write_results
 
@@ -66,11 +67,8 @@ def trained_frames(recipe: dict, n_frames: int) -> set:
     trained), every frame when it has none, none when the recipe does not read the file."""
     for entry in recipe.get("datasets", []):
         if Path(entry["path"]).name == REFERENCE.name:
-            index = str(entry.get("index", ":"))
-            parts = [int(p) if p.strip() else None for p in index.split(":")]
-            if len(parts) == 1:
-                return {parts[0] % n_frames}
-            return set(range(n_frames)[slice(*parts)])
+            index = string2index(str(entry.get("index", ":")))
+            return {index % n_frames} if isinstance(index, int) else set(range(n_frames)[index])
     return set()
 
 
@@ -85,7 +83,7 @@ def main():
     held = set(recipe.get("held_out", {}).get("test", [])) | set(recipe.get("held_out", {}).get("val", []))
     reference = read(REFERENCE, ":")
     trained = trained_frames(recipe, len(reference))
-    groups = {"held-out molecules": [a for i, a in enumerate(reference) if a.info.get("name") in held],
+    groups = {"held-out molecules": [a for a in reference if a.info.get("name") in held],
               "training molecules": [a for i, a in enumerate(reference)
                                      if a.info.get("name") not in held and i in trained],
               "new frames of training molecules": [a for i, a in enumerate(reference)

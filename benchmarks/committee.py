@@ -14,34 +14,14 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from ase import Atoms
 
-from common import write_results
+from common import frame_errors, predict_frames, write_results
 
 from mfcalc import MFCalculator, MFCommittee
 from mfcalc.committee import committee_members
 from mfcalc.recipe import load_datasets, read_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def predict(calc, frames):
-    energies, forces, deviation = [], [], []
-    for s in frames:
-        atoms = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
-        atoms.calc = calc
-        energies.append(atoms.get_potential_energy())
-        forces.append(atoms.get_forces())
-        deviation.append(calc.results.get("max_force_deviation", np.nan))
-    return np.array(energies), forces, np.array(deviation)
-
-
-def errors(energies, forces, frames) -> dict:
-    df = np.concatenate([(f - s.forces).ravel() for f, s in zip(forces, frames)])
-    de = energies - np.array([s.energy for s in frames])
-    return {"forces_mae_meV_A": 1000 * float(np.abs(df).mean()),
-            "forces_rmse_meV_A": 1000 * float(np.sqrt((df ** 2).mean())),
-            "energy_mae_meV": 1000 * float(np.abs(de).mean())}
 
 
 def main():
@@ -60,10 +40,10 @@ def main():
     options = {"fidelity": args.fidelity, "dtype": "float64", "threads": 1}
     rows = {}
     for path in committee_members(args.committee):
-        energies, forces, _ = predict(MFCalculator(path, **options), frames)
-        rows[path.name] = errors(energies, forces, frames)
-    energies, forces, deviation = predict(MFCommittee(args.committee, **options), frames)
-    rows["committee (mean)"] = errors(energies, forces, frames)
+        energies, forces, _ = predict_frames(MFCalculator(path, **options), frames)
+        rows[path.name] = frame_errors(energies, forces, frames)
+    energies, forces, deviation = predict_frames(MFCommittee(args.committee, **options), frames)
+    rows["committee (mean)"] = frame_errors(energies, forces, frames)
     # does the spread flag the worst frames? committee error per frame vs its max force deviation
     frame_error = np.array([np.abs(f - s.forces).max() for f, s in zip(forces, frames)])
     correlation = float(np.corrcoef(deviation, frame_error)[0, 1])

@@ -1,4 +1,4 @@
-"""Structures and timing helpers shared by the benchmarks."""
+"""Structures, timing and error helpers shared by the benchmarks."""
 
 import time
 
@@ -99,3 +99,26 @@ def write_results(name: str, table: str, data=None) -> None:
     (results / f"{name}.md").write_text(table)
     if data is not None:
         (results / f"{name}.json").write_text(json.dumps(data, indent=1))
+
+
+def predict_frames(calc, frames):
+    """Energies (F,), forces (list of (N, 3)) and, for a committee, the largest force deviation
+    (F,; NaN for a single model) of ``calc`` on mfcalc ``Structure`` frames."""
+    energies, forces, deviation = [], [], []
+    for s in frames:
+        atoms = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
+        atoms.calc = calc
+        energies.append(atoms.get_potential_energy())
+        forces.append(atoms.get_forces())
+        deviation.append(calc.results.get("max_force_deviation", np.nan))
+    return np.array(energies), forces, np.array(deviation)
+
+
+def frame_errors(energies, forces, frames) -> dict:
+    """Forces MAE and RMSE (meV/Å, all components) and energy MAE (meV, no offset removed)
+    of predictions against the frames' labels."""
+    df = np.concatenate([(f - s.forces).ravel() for f, s in zip(forces, frames)])
+    de = np.asarray(energies) - np.array([s.energy for s in frames])
+    return {"forces_mae_meV_A": 1000 * float(np.abs(df).mean()),
+            "forces_rmse_meV_A": 1000 * float(np.sqrt((df ** 2).mean())),
+            "energy_mae_meV": 1000 * float(np.abs(de).mean())}

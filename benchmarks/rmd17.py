@@ -147,26 +147,21 @@ def run_finetune(molecule: str, n: int, base: str, strategy: str, new_fidelity: 
 def run_committee(molecule: str, n: int, members: list) -> dict:
     """The mean of already trained models (``--save-models`` files of earlier rows) on the same
     test set: mfcalc.MFCommittee, float64."""
-    from ase import Atoms
+    from common import frame_errors, predict_frames
 
     from mfcalc import MFCommittee
     from mfcalc.modelfile import read_metadata
 
     _, test_set = load(molecule, n)
     committee = MFCommittee(members, fidelity=FIDELITY, dtype="float64", threads=1, compile=False)
-    de, df = [], []
-    for s in test_set:
-        atoms = Atoms(numbers=s.numbers, positions=s.positions)
-        atoms.calc = committee
-        de.append(atoms.get_potential_energy() - s.energy)
-        df.append((atoms.get_forces() - s.forces).ravel())
+    energies, forces, _ = predict_frames(committee, test_set)
+    errors = frame_errors(energies, forces, test_set)
     meta = [read_metadata(m) for m in members]
     return {
         "molecule": molecule, "n_train": n, "n_test": len(test_set), "size": f"committee of {len(members)}",
         "epochs": sum(int(m.get("epochs", 0)) for m in meta), "steps": 0, "batch_size": 0, "lr": 0.0,
         "energy_weight": 0.0, "train_minutes": round(sum(float(m.get("train_minutes", 0)) for m in meta), 2),
-        "energy_mae_meV": 1000 * float(np.mean(np.abs(de))),
-        "forces_mae_meV_A": 1000 * float(np.mean(np.abs(np.concatenate(df)))),
+        "energy_mae_meV": errors["energy_mae_meV"], "forces_mae_meV_A": errors["forces_mae_meV_A"],
         "parameters": 0, "members": [Path(m).name for m in members],
         "member_tags": [m.get("rmd17_tag") for m in meta], "best_epoch": -1,
         "machine": f"{platform.processor() or platform.machine()}, 1 threads", "torch": torch.__version__,

@@ -88,9 +88,10 @@ class MFCommittee(Calculator):
         super().__init__()
         self.paths = committee_members(models)
         self.members = [MFCalculator(path, fidelity=fidelity, **options) for path in self.paths]
-        if fidelity is None:
+        if fidelity is None:  # the members' own defaults may differ: all take the first one's
             self.fidelity = self.members[0].fidelity
-        self._check_members()
+        else:
+            self._check_members()
 
     def _check_members(self) -> None:
         fidelities = {m.fidelity for m in self.members}

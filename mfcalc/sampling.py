@@ -110,14 +110,14 @@ def sample(
             f"{int(np.ceil(n * interval / 0.9))}"
         )
     committee = None
-    if select == "committee":
-        from .committee import MFCommittee, committee_members
+    if select == "committee":  # loaded before the MD: a model that is not a committee says so now
+        from .committee import MFCommittee
 
-        members = committee_members(model)  # before the MD: a model that is not a committee says so now
-        committee = MFCommittee(members, fidelity=fidelity, dtype=dtype, device=device, threads=threads)
-        model = str(members[0])
+        committee = MFCommittee(model, fidelity=fidelity, dtype=dtype, device=device, threads=threads)
+        calc = committee.members[0]  # the MD runs with the first member
+    else:
+        calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device, threads=threads)
     atoms = structure.copy()
-    calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, device=device, threads=threads)
     atoms.calc = calc
     rng = np.random.default_rng(seed)
     thermalize(atoms, temperature, rng)
@@ -155,13 +155,13 @@ def sample(
     if spreads:
         force_spread = np.array([spreads[k]["forces_spread"].mean() for k in range(len(pool))])
         weights = force_spread / force_spread.mean()
-    deviations = {}
+    deviation = None
     if committee is not None:
+        deviation = np.empty(len(pool))
         for k, frame in enumerate(pool):
             committee.get_forces(frame)
-            deviations[k] = committee.results["max_force_deviation"]
-        values = np.array([deviations[k] for k in range(len(pool))])
-        weights = values / max(float(values.mean()), 1e-12)
+            deviation[k] = committee.results["max_force_deviation"]
+        weights = deviation / max(float(deviation.mean()), 1e-12)
     picked = farthest_point(features, n, weights)
     out = []
     for k in picked:
@@ -170,8 +170,8 @@ def sample(
             sampled_with=str(calc.metadata.get("path", model)), sampled_fidelity=calc.fidelity,
             sampled_temperature_K=float(temperature), selection=select,
         )
-        if k in deviations:
-            frame.info["committee_max_force_deviation_eV_per_A"] = float(deviations[k])
+        if deviation is not None:
+            frame.info["committee_max_force_deviation_eV_per_A"] = float(deviation[k])
         if several:
             spread = spreads[k] if k in spreads else calc.predict_all_fidelities(frame)
             frame.info.update(fidelity_energy_spread_eV=spread["energy_spread"],
