@@ -15,7 +15,11 @@ the readout, can depend on the level of theory.
 Features per atom: scalars s (F), vectors v (3, F) and, with ``max_l=2``, symmetric traceless
 rank-2 tensors t (3, 3, F) (Cartesian l = 2), mixed by messages built from the pair's unit
 vector r̂ (r̂, r̂r̂ᵀ - I/3) and the neighbour's features, each scaled by a learned radial filter
-(``radial_mlp``: a small MLP of the radial basis instead of one linear map).
+(``radial_mlp``: a small MLP of the radial basis instead of one linear map). Two options raise
+the body order (issue 15; off in the default config and in every model file written before
+them): ``edge_scalars`` lets the neighbour's vectors and tensors reach the scalar message along
+the bond (v_j · r̂, r̂ᵀ t_j r̂), and ``node_products`` multiplies an atom's vector and tensor
+channels in the update (w·T·w, T·w, sym0(u ⊗ w)).
 
 One network, two layouts of the pairs (``Pairs``): a pair list (E pairs, gathered with
 ``index_select`` and summed with ``index_add``; any structure, periodic or not, and flat
@@ -66,6 +70,12 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
         "radial_mlp": 0,
         # 1: scalars and vectors (PaiNN); 2: also symmetric traceless rank-2 tensors
         "max_l": 1,
+        # scalar messages also from the neighbour's vectors and tensors along the bond
+        # (v_j · r̂ and r̂ᵀ t_j r̂, the l -> 0 paths of a full tensor product), not only its scalars
+        "edge_scalars": False,
+        # per-atom products of the vector and tensor channels in every update (max_l = 2): the
+        # invariant w·T·w, the vector T·w and the tensor sym0(u ⊗ w) (higher body order per layer)
+        "node_products": False,
         # learned part's pair distance clamped below this x (sum of covalent radii); 0: no core
         "core_radius_factor": 0.6,
         # ZBL repulsion: zero above core_switch_factor x (sum of covalent radii), full below
@@ -86,13 +96,16 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
         )
     if int(config["max_l"]) not in (1, 2):
         raise ValueError(f"max_l must be 1 or 2, got {config['max_l']!r}")
+    if config["node_products"] and int(config["max_l"]) != 2:
+        raise ValueError("node_products needs the rank-2 tensors: set max_l to 2 (or node_products to False)")
     if len(set(config["fidelities"])) != len(config["fidelities"]) or not config["fidelities"]:
         raise ValueError(f"fidelity names must be unique and non-empty: {config['fidelities']}")
     return config
 
 
 # Model files written before an option existed read it with the behaviour they were trained with.
-LEGACY_DEFAULTS = {"filter_envelope": False, "radial_mlp": 0, "max_l": 1, "core_radius_factor": 0.0,
+LEGACY_DEFAULTS = {"filter_envelope": False, "radial_mlp": 0, "max_l": 1, "edge_scalars": False,
+                   "node_products": False, "core_radius_factor": 0.0,
                    "core_switch_factor": 0.0, "core_inner_factor": 0.0, "core_clamp_width": 0.1}
 
 
@@ -197,15 +210,18 @@ class Interaction(nn.Module):
     """Equivariant message from neighbours j to atom i (PaiNN eq. 7-8; with l = 2 tensors)."""
 
     hidden_filter: Final[bool]
+    edge_scalars: Final[bool]
 
     def __init__(self, features: int, n_basis: int, filter_envelope: bool = True, radial_mlp: int = 0,
-                 max_l: int = 1):
+                 max_l: int = 1, edge_scalars: bool = False):
         super().__init__()
         self.features = features
         self.hidden_filter = radial_mlp > 0
         self.filter_envelope = filter_envelope
         self.max_l = max_l
-        width = 3 if max_l == 1 else 7  # message channels per feature: s, v (v, r̂) [, t (r̂r̂, t, v⊗r̂), v (t·r̂)]
+        self.edge_scalars = edge_scalars
+        # message channels per feature: s, v (v, r̂) [, t (r̂r̂, t, v⊗r̂), v (t·r̂)] [, s (v·r̂) [, s (r̂ t r̂)]]
+        width = (3 if max_l == 1 else 7) + (max_l if edge_scalars else 0)
         self.phi = nn.Sequential(
             nn.Linear(features, features), nn.SiLU(), nn.Linear(features, width * features)
         )
@@ -243,6 +259,8 @@ class Interaction(nn.Module):
         if not first:  # in the first block v (and t) are still zero: skip their products
             v_j = gather(v, pairs)
             dv = dv + v_j * dv_v.unsqueeze(-2)
+            if self.edge_scalars:  # the neighbour's vectors along the bond: v_j · r̂
+                ds = ds + parts[3 if self.max_l == 1 else 7] * (v_j * unit.unsqueeze(-1)).sum(dim=-2)
         if self.max_l == 2:
             # The rank-2 message of pair ij, per feature:
             #   dt_r (r̂r̂ᵀ - I/3) + dt_t t_j + dt_v sym0(v_j ⊗ r̂)
@@ -259,7 +277,10 @@ class Interaction(nn.Module):
             else:
                 t_j = gather(t, pairs)
                 y = y + v_j * dt_v.unsqueeze(-2)
-                dv = dv + contract_unit(t_j, unit, pairs) * dv_t.unsqueeze(-2)
+                t_r = contract_unit(t_j, unit, pairs)  # t_j · r̂
+                dv = dv + t_r * dv_t.unsqueeze(-2)
+                if self.edge_scalars:  # the neighbour's tensors along the bond: r̂ᵀ t_j r̂
+                    ds = ds + parts[8] * (t_r * unit.unsqueeze(-1)).sum(dim=-2)
                 # dt_t t_j is symmetric traceless already: sym0 leaves its sum as it is
                 message = torch.addcmul(t_j * dt_t.unsqueeze(-2).unsqueeze(-2), y.unsqueeze(-2), r_b)
             t = t + symmetric_traceless(accumulate(torch.zeros_like(t), message, pairs))
@@ -269,15 +290,24 @@ class Interaction(nn.Module):
 
 
 class Update(nn.Module):
-    """Per-atom mixing of scalar, vector (and tensor) channels (PaiNN eq. 9-11)."""
+    """Per-atom mixing of scalar, vector (and tensor) channels (PaiNN eq. 9-11). With
+    ``products`` (max_l = 2) the mixed channels u, w (vectors) and U, W (tensors) of an atom also
+    multiply: the invariant w·W·w joins the gates' inputs, and U·w (a vector) and sym0(u ⊗ w) (a
+    tensor) are added, each with its own gate. These products of the atom's summed messages
+    raise the body order of one layer, as the symmetric contraction of ACE/MACE does."""
 
-    def __init__(self, features: int, max_l: int = 1):
+    products: Final[bool]
+
+    def __init__(self, features: int, max_l: int = 1, products: bool = False):
         super().__init__()
         self.features = features
         self.max_l = max_l
+        self.products = products
         self.uv = nn.Linear(features, 2 * features, bias=False)
         self.ut = nn.Linear(features, 2 * features, bias=False) if max_l == 2 else nn.Identity()
         n_in, n_out = (2, 3) if max_l == 1 else (3, 5)
+        if products:
+            n_in, n_out = n_in + 1, n_out + 2
         self.mlp = nn.Sequential(
             nn.Linear(n_in * features, features), nn.SiLU(), nn.Linear(features, n_out * features)
         )
@@ -289,9 +319,19 @@ class Update(nn.Module):
         if self.max_l == 2:
             ut, wt = torch.split(self.ut(t), self.features, dim=-1)
             wt_norm = torch.sqrt((wt * wt).sum(dim=-2).sum(dim=-2) + 1e-8)
-            a = self.mlp(torch.cat([s, w_norm, wt_norm], dim=-1))
+            if self.products:
+                wt_w = (wt * w.unsqueeze(-3)).sum(dim=-2)  # W·w (..., 3, F)
+                a = self.mlp(torch.cat([s, w_norm, wt_norm, (w * wt_w).sum(dim=-2)], dim=-1))
+            else:
+                a = self.mlp(torch.cat([s, w_norm, wt_norm], dim=-1))
             parts = torch.split(a, self.features, dim=-1)
-            t = t + parts[3].unsqueeze(-2).unsqueeze(-2) * ut
+            t_new = parts[3].unsqueeze(-2).unsqueeze(-2) * ut
+            if self.products:
+                ut_w = (ut * w.unsqueeze(-3)).sum(dim=-2)  # U·w, before v changes
+                u_w = symmetric_traceless(u.unsqueeze(-2) * w.unsqueeze(-3))  # sym0(u ⊗ w)
+                t_new = t_new + parts[6].unsqueeze(-2).unsqueeze(-2) * u_w
+                v = v + parts[5].unsqueeze(-2) * ut_w
+            t = t + t_new
             s = s + parts[4] * (ut * wt).sum(dim=-2).sum(dim=-2)
         else:
             a = self.mlp(torch.cat([s, w_norm], dim=-1))
@@ -361,10 +401,10 @@ class MultiFidelityPaiNN(nn.Module):
         self.radial = RadialBasis(int(config["radial_basis"]), self.cutoff)
         self.interactions = nn.ModuleList([
             Interaction(f, int(config["radial_basis"]), bool(config["filter_envelope"]),
-                        int(config["radial_mlp"]), max_l)
+                        int(config["radial_mlp"]), max_l, bool(config["edge_scalars"]))
             for _ in range(n_layers)
         ])
-        self.updates = nn.ModuleList([Update(f, max_l) for _ in range(n_layers)])
+        self.updates = nn.ModuleList([Update(f, max_l, bool(config["node_products"])) for _ in range(n_layers)])
         # FiLM starts as the identity: every fidelity begins from the same network
         self.film = nn.Linear(d, 2 * f * n_layers)
         nn.init.zeros_(self.film.weight)

@@ -31,7 +31,7 @@ def _flat(forcefield, atoms, fidelity):
     return out["energies"], out["forces"]
 
 
-@pytest.mark.parametrize("network", ["l1", "l2"])
+@pytest.mark.parametrize("network", ["l1", "l2", "l2-products"])
 @pytest.mark.parametrize("mode", ["film", "readout"])
 @pytest.mark.parametrize("envelope", [True, False])
 def test_dense_graph_equals_the_pair_list(forcefield_factory, mode, envelope, network):

@@ -87,3 +87,76 @@ def test_rank2_features_stay_symmetric_traceless_and_rotate_as_tensors():
     s2, v2, t2 = _run(block, positions @ rot.T, i, j, s, v_rot, t_rot)
     torch.testing.assert_close(v2, torch.einsum("ab,nbf->naf", rot, v_out), atol=1e-10, rtol=0)
     torch.testing.assert_close(t2, torch.einsum("ac,ncdf,bd->nabf", rot, t_out, rot), atol=1e-10, rtol=0)
+
+
+def test_edge_scalars_are_the_neighbours_vectors_and_tensors_along_the_bond():
+    """edge_scalars adds v_j·r̂ and r̂ᵀ t_j r̂ (each with its own filter channel) to the scalar
+    message; every other output is that of the block without them, given the same weights."""
+    torch.manual_seed(5)
+    block = Interaction(F, 4, filter_envelope=True, radial_mlp=6, max_l=2, edge_scalars=True).double()
+    positions, i, j, s, v, t = _inputs(seed=6)
+    s_out, v_out, t_out = _run(block, positions, i, j, s, v, t)
+
+    vectors = positions[j] - positions[i]
+    r = vectors.norm(dim=-1)
+    unit = vectors / r.unsqueeze(-1)
+    basis, envelope = RadialBasis(4, 5.0)(r)
+    x = block.phi(s)[j] * block.filter(basis) * envelope
+    parts = torch.split(x, F, dim=-1)
+    ds = (parts[0] + parts[7] * torch.einsum("eaf,ea->ef", v[j], unit)
+          + parts[8] * torch.einsum("ea,eabf,eb->ef", unit, t[j], unit))
+    torch.testing.assert_close(s_out, s.index_add(0, i, ds), atol=1e-12, rtol=0)
+
+    plain = Interaction(F, 4, filter_envelope=True, radial_mlp=6, max_l=2).double()
+    with torch.no_grad():  # the same weights, less the two extra channels
+        plain.phi[0].load_state_dict(block.phi[0].state_dict())
+        plain.phi[2].weight.copy_(block.phi[2].weight[:7 * F])
+        plain.phi[2].bias.copy_(block.phi[2].bias[:7 * F])
+        plain.filter[0].load_state_dict(block.filter[0].state_dict())
+        plain.filter[2].weight.copy_(block.filter[2].weight[:7 * F])
+        plain.filter[2].bias.copy_(block.filter[2].bias[:7 * F])
+    _, v_plain, t_plain = _run(plain, positions, i, j, s, v, t)
+    torch.testing.assert_close(v_out, v_plain, atol=1e-12, rtol=0)
+    torch.testing.assert_close(t_out, t_plain, atol=1e-12, rtol=0)
+    assert (s_out - _run(plain, positions, i, j, s, v, t)[0]).abs().max() > 1e-3
+
+
+def test_update_products_follow_their_formulas_and_rotate():
+    """Update(products=True): the invariant w·W·w joins the gate inputs, U·w is added to the
+    vectors and sym0(u ⊗ w) to the tensors; scalars stay invariant, v and t rotate."""
+    from mfcalc.model import Update, symmetric_traceless
+
+    torch.manual_seed(7)
+    block = Update(F, max_l=2, products=True).double()
+    _, _, _, s, v, t = _inputs(seed=8)
+    s_out, v_out, t_out = block(s, v, t)
+
+    u, w = torch.split(block.uv(v), F, dim=-1)
+    ut, wt = torch.split(block.ut(t), F, dim=-1)
+    w_norm = torch.sqrt((w * w).sum(1) + 1e-8)
+    wt_norm = torch.sqrt((wt * wt).sum((1, 2)) + 1e-8)
+    triple = torch.einsum("naf,nabf,nbf->nf", w, wt, w)
+    a_vv, a_sv, a_ss, a_tt, a_st, a_tv, a_vvt = torch.split(
+        block.mlp(torch.cat([s, w_norm, wt_norm, triple], dim=-1)), F, dim=-1)
+    v_ref = v + a_vv[:, None] * u + a_tv[:, None] * torch.einsum("nabf,nbf->naf", ut, w)
+    t_ref = (t + a_tt[:, None, None] * ut
+             + a_vvt[:, None, None] * symmetric_traceless(torch.einsum("naf,nbf->nabf", u, w)))
+    s_ref = s + a_sv * (u * w).sum(1) + a_ss + a_st * (ut * wt).sum((1, 2))
+    torch.testing.assert_close(s_out, s_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(v_out, v_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(t_out, t_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.einsum("naaf->nf", t_out), torch.zeros(N, F, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+
+    rot = torch.tensor(Rotation.from_euler("xyz", [-1.1, 0.3, 0.8]).as_matrix())
+    s2, v2, t2 = block(s, torch.einsum("ab,nbf->naf", rot, v), torch.einsum("ac,ncdf,bd->nabf", rot, t, rot))
+    torch.testing.assert_close(s2, s_out, atol=1e-10, rtol=0)
+    torch.testing.assert_close(v2, torch.einsum("ab,nbf->naf", rot, v_out), atol=1e-10, rtol=0)
+    torch.testing.assert_close(t2, torch.einsum("ac,ncdf,bd->nabf", rot, t_out, rot), atol=1e-10, rtol=0)
+
+
+def test_node_products_need_rank2_tensors():
+    from mfcalc.model import default_config
+
+    with pytest.raises(ValueError, match="node_products needs the rank-2 tensors"):
+        default_config([1, 6], ["x"], node_products=True)

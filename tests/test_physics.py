@@ -73,7 +73,7 @@ def test_periodic_energy_is_invariant_to_the_choice_of_images(network_model, sil
     assert e2 == pytest.approx(2 * e0, rel=1e-10)
 
 
-@pytest.mark.parametrize("network", ["l1", "l2"])
+@pytest.mark.parametrize("network", ["l1", "l2", "l2-products"])
 @pytest.mark.parametrize("mode", ["film", "readout"])
 def test_torchscript_equals_eager(tmp_path, mode, network, ethanol, silicon_small_cell, forcefield_factory):
     from mfcalc.modelfile import export_model
@@ -158,7 +158,7 @@ def test_models_from_before_the_filter_envelope_keep_their_numbers(forcefield_fa
     assert e_old != pytest.approx(e_new, abs=1e-6)  # the envelope changes every pair inside the cutoff
 
 
-@pytest.mark.parametrize("network", ["l1", "l2"])
+@pytest.mark.parametrize("network", ["l1", "l2", "l2-products"])
 def test_network_exports_with_torch_export(forcefield_factory, ethanol, network):
     """The network stays torch.export-friendly (no data-dependent Python control flow): exported
     once with symbolic atom and pair counts, it gives the eager energies and, through autograd,
