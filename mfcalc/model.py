@@ -211,6 +211,7 @@ class Interaction(nn.Module):
 
     hidden_filter: Final[bool]
     edge_scalars: Final[bool]
+    edge_channel: Final[int]
 
     def __init__(self, features: int, n_basis: int, filter_envelope: bool = True, radial_mlp: int = 0,
                  max_l: int = 1, edge_scalars: bool = False):
@@ -221,7 +222,9 @@ class Interaction(nn.Module):
         self.max_l = max_l
         self.edge_scalars = edge_scalars
         # message channels per feature: s, v (v, r̂) [, t (r̂r̂, t, v⊗r̂), v (t·r̂)] [, s (v·r̂) [, s (r̂ t r̂)]]
-        width = (3 if max_l == 1 else 7) + (max_l if edge_scalars else 0)
+        base = 3 if max_l == 1 else 7
+        self.edge_channel = base  # first edge-scalar channel: v·r̂, then (max_l = 2) r̂ t r̂
+        width = base + (max_l if edge_scalars else 0)
         self.phi = nn.Sequential(
             nn.Linear(features, features), nn.SiLU(), nn.Linear(features, width * features)
         )
@@ -260,7 +263,7 @@ class Interaction(nn.Module):
             v_j = gather(v, pairs)
             dv = dv + v_j * dv_v.unsqueeze(-2)
             if self.edge_scalars:  # the neighbour's vectors along the bond: v_j · r̂
-                ds = ds + parts[3 if self.max_l == 1 else 7] * (v_j * unit.unsqueeze(-1)).sum(dim=-2)
+                ds = ds + parts[self.edge_channel] * (v_j * unit.unsqueeze(-1)).sum(dim=-2)
         if self.max_l == 2:
             # The rank-2 message of pair ij, per feature:
             #   dt_r (r̂r̂ᵀ - I/3) + dt_t t_j + dt_v sym0(v_j ⊗ r̂)
@@ -280,7 +283,7 @@ class Interaction(nn.Module):
                 t_r = contract_unit(t_j, unit, pairs)  # t_j · r̂
                 dv = dv + t_r * dv_t.unsqueeze(-2)
                 if self.edge_scalars:  # the neighbour's tensors along the bond: r̂ᵀ t_j r̂
-                    ds = ds + parts[8] * (t_r * unit.unsqueeze(-1)).sum(dim=-2)
+                    ds = ds + parts[self.edge_channel + 1] * (t_r * unit.unsqueeze(-1)).sum(dim=-2)
                 # dt_t t_j is symmetric traceless already: sym0 leaves its sum as it is
                 message = torch.addcmul(t_j * dt_t.unsqueeze(-2).unsqueeze(-2), y.unsqueeze(-2), r_b)
             t = t + symmetric_traceless(accumulate(torch.zeros_like(t), message, pairs))
