@@ -85,6 +85,11 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
         # width of the clamp, as a fraction of its radius (0.1 until 0.2.0: ethanol-mf v4's PBE
         # fidelity then still dipped 0.26 eV near 0.33 Å in the H-H scan; 0.05 saturates faster)
         "core_clamp_width": 0.05,
+        # per element pair "Z1-Z2": the learned part's pair distance clamped below this radius (Å)
+        # instead of core_radius_factor x (sum of covalent radii), e.g. just inside the closest
+        # pair of that kind in the training data (models/tools/ship.py --core sets it from a model's
+        # domain statistics); pairs not listed keep the factor
+        "core_pair_radius": {},
     }
     unknown = set(overrides) - set(config)
     if unknown:
@@ -106,7 +111,8 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
 # Model files written before an option existed read it with the behaviour they were trained with.
 LEGACY_DEFAULTS = {"filter_envelope": False, "radial_mlp": 0, "max_l": 1, "edge_scalars": False,
                    "node_products": False, "core_radius_factor": 0.0,
-                   "core_switch_factor": 0.0, "core_inner_factor": 0.0, "core_clamp_width": 0.1}
+                   "core_switch_factor": 0.0, "core_inner_factor": 0.0, "core_clamp_width": 0.1,
+                   "core_pair_radius": {}}
 
 
 class Pairs(NamedTuple):
@@ -359,6 +365,30 @@ def element_constants(elements: List[int]) -> Dict[str, Tensor]:
             "covalent_radius": torch.tensor([float(covalent_radii[z]) for z in zs], dtype=torch.float64)}
 
 
+def pair_clamp_radii(config: Dict[str, Any]) -> Tensor:
+    """(S, S) radius below which the learned part sees a pair's distance clamped, in species order:
+    ``core_radius_factor`` x (sum of covalent radii), or the ``core_pair_radius`` entry of that
+    element pair ("Z1-Z2", either order)."""
+    from ase.data import covalent_radii
+
+    zs = [int(z) for z in config["elements"]]
+    factor = float(config.get("core_radius_factor", 0.0))
+    explicit = {}
+    for key, radius in dict(config.get("core_pair_radius") or {}).items():
+        try:
+            a, b = (int(x) for x in str(key).split("-"))
+        except ValueError:
+            raise ValueError(f"core_pair_radius keys are element pairs 'Z1-Z2' (atomic numbers), got {key!r}") from None
+        if a not in zs or b not in zs:
+            raise ValueError(f"core_pair_radius names {key!r}, but the model's elements are {zs}")
+        if not float(radius) > 0.0:
+            raise ValueError(f"core_pair_radius[{key!r}] must be a positive distance in Å, got {radius!r}")
+        explicit[(a, b)] = explicit[(b, a)] = float(radius)
+    table = [[explicit.get((a, b), factor * (float(covalent_radii[a]) + float(covalent_radii[b]))) for b in zs]
+             for a in zs]
+    return torch.tensor(table, dtype=torch.float64)
+
+
 def zbl_energy(r: Tensor, zi: Tensor, zj: Tensor) -> Tensor:
     """Ziegler-Biersack-Littmark screened nuclear repulsion of a pair, eV (r in Å)."""
     a = 0.46850 / (zi.pow(0.23) + zj.pow(0.23))
@@ -419,6 +449,10 @@ class MultiFidelityPaiNN(nn.Module):
         # constants of the elements, for the core repulsion (buffers: they follow .to(device))
         for name, values in element_constants(config["elements"]).items():
             self.register_buffer(name, values)
+        # where the learned part's pair distances are clamped: from the config, never trained, and
+        # not in the state dict (checksums and checkpoints are the weights; a re-shipped model may
+        # set other radii), but inside the TorchScript file
+        self.register_buffer("clamp_radius", pair_clamp_radii(config), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -426,6 +460,8 @@ class MultiFidelityPaiNN(nn.Module):
         constants are filled in from the configuration."""
         for name, values in element_constants(self.config["elements"]).items():
             state_dict.setdefault(prefix + name, values.to(getattr(self, name).dtype))
+        # a TorchScript file's state dict lists the clamp radii; the eager module takes its config's
+        state_dict.pop(prefix + "clamp_radius", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -463,12 +499,14 @@ class MultiFidelityPaiNN(nn.Module):
                       species_i: Tensor, species_j: Tensor) -> Tensor:
         unit = vectors / r.unsqueeze(-1)
         core = torch.zeros_like(r)
+        clamp = core
         use_core = self.use_core
         if use_core:
             core = self.covalent_radius[species_i] + self.covalent_radius[species_j]
-            use_core = self._core_reached(r, core)
+            clamp = self.clamp_radius[species_i, species_j]
+            use_core = self._core_reached(r, core, clamp)
         if use_core:
-            r_learned = self._clamped(r, self.core_radius_factor * core, self.core_clamp_width)
+            r_learned = self._clamped(r, clamp, self.core_clamp_width)
         else:
             r_learned = r
         basis, envelope = self.radial(self._filter_distances(r_learned, pairs))
@@ -503,13 +541,13 @@ class MultiFidelityPaiNN(nn.Module):
             return r
         return r[:, upper[0], upper[1]]
 
-    def _core_reached(self, r: Tensor, core: Tensor) -> bool:
+    def _core_reached(self, r: Tensor, core: Tensor, clamp: Tensor) -> bool:
         """Whether the core terms can differ from zero. Inside a TorchScript file on a CPU they are
         skipped when no pair is within reach of any core (ordinary MD: ~25 ops and their backward
         less per call, exactly the same numbers); elsewhere (training, torch.compile, CUDA, where
         a host sync per step would cost more) they are always computed."""
         if torch.jit.is_scripting() and not r.is_cuda:
-            return bool((r < self.core_switch_factor * core).any())
+            return bool((r < torch.maximum(self.core_switch_factor * core, clamp)).any())
         return True
 
     @staticmethod

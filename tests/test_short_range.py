@@ -128,3 +128,38 @@ def test_the_model_file_skips_the_core_only_when_no_pair_reaches_it(tiny_model, 
     reach = eager.model.core_switch_factor * (radii[:, None] + radii[None])
     distance = torch.cdist(args[0], args[0]) + 100 * torch.eye(len(atoms))
     assert bool((distance < reach).any()) == (squeeze < 1.0)  # both branches of the file are taken
+
+
+def test_a_pair_radius_clamps_only_that_pair(forcefield_factory, tmp_path):
+    """core_pair_radius {"1-1": 1.2}: below 1.2 Å two H atoms see the learned part clamped (flat
+    once the tanh saturates), every other pair is as before; the TorchScript file agrees with the
+    eager network (its skip-the-core shortcut must notice pairs inside the wider clamp), and a
+    checkpoint loaded under a config with other radii takes the config's."""
+    from mfcalc import load_model
+    from mfcalc.modelfile import build_forcefield, export_model
+
+    base = forcefield_factory(seed=6).eval()
+    config = {**base.model.config, "core_pair_radius": {"1-1": 1.2}}
+    paired = build_forcefield(config, base.state_dict()).double().eval()
+    assert float(paired.model.clamp_radius[0, 0]) == 1.2
+    assert torch.equal(paired.model.clamp_radius[1:, 1:], base.model.clamp_radius[1:, 1:])
+    hh = np.array([0.5, 0.7, 0.9])  # inside the clamp, outside the ZBL switch (0.65 x 0.62 = 0.40 Å)
+    flat, _ = dimer_curve(paired, 1, 1, hh)
+    free, _ = dimer_curve(base, 1, 1, hh)
+    assert np.ptp(flat) < 1e-4 < np.ptp(free)
+    for z1, z2 in [(1, 6), (6, 8), (8, 8)]:  # other pairs: unchanged
+        d = np.array([0.6, 1.0, 1.5])
+        assert np.array_equal(dimer_curve(paired, z1, z2, d)[0], dimer_curve(base, z1, z2, d)[0])
+    path = tmp_path / "paired.pt"
+    export_model(paired, path, metadata={"aliases": {}, "default_fidelity": paired.fidelities[0]}, dtype=torch.float64)
+    scripted, _ = load_model(path)
+    for d in (0.9, 1.1, 1.3, 2.0):  # the shortcut skips the core only at 1.3 and 2.0
+        positions = torch.tensor([[0.0, 0.0, 0.0], [d, 0.0, 0.0], [0.0, 2.9, 0.0]], dtype=torch.float64)
+        args = (positions, torch.tensor([1, 1, 8]), torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.bool), 1)
+        a, b = scripted.compute(*args), paired.compute(*args)
+        torch.testing.assert_close(a["energy"], b["energy"], atol=1e-9, rtol=0)
+        torch.testing.assert_close(a["forces"], b["forces"], atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="core_pair_radius keys are element pairs"):
+        build_forcefield({**base.model.config, "core_pair_radius": {"H-H": 1.2}})
+    with pytest.raises(ValueError, match="the model's elements are"):
+        build_forcefield({**base.model.config, "core_pair_radius": {"7-7": 1.2}})

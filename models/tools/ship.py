@@ -9,7 +9,9 @@ Without --write it only checks: the checkpoint's weights are the run's model fil
 recipe's first test structures (1e-10 eV). Why re-export: a long run exports with the code it
 imported when it started; fixes made meanwhile to the scripted force path (e.g. the neighbor
 search) reach the shipped file this way, with the weights untouched. ``--core`` re-sets the
-short-range core (refused if a training pair lies inside it). README.md is re-rendered from the
+short-range core (refused if a training pair lies inside it; ``core_pair_radius``, e.g.
+``{"1-1": 1.27}``, clamps one element pair's learned distance below that radius, refused at or beyond
+the pair's closest training distance). README.md is re-rendered from the
 card: hand-written sections below the generated card (models/*/README.md) must be added again.
 ``--model-only`` replaces model.pt alone (the same weights through this checkout's force path).
 """
@@ -61,8 +63,18 @@ def main() -> None:
     if checksum(forcefield.double()) != meta["checksum"]:
         raise SystemExit(f"{run}/checkpoint.pt does not hold the weights of {run}/model.pt")
     core = json.loads(args.core) if args.core else {}
-    if set(core) - {"core_radius_factor", "core_switch_factor", "core_inner_factor", "core_clamp_width"}:
+    if set(core) - {"core_radius_factor", "core_switch_factor", "core_inner_factor", "core_clamp_width",
+                    "core_pair_radius"}:
         raise SystemExit(f"--core takes only short-range settings, got {sorted(core)}")
+    closest = meta.get("domain", {}).get("pair_min_distance", {})
+    for pair, radius in core.get("core_pair_radius", {}).items():
+        a, b = sorted(int(z) for z in pair.split("-"))
+        seen = closest.get(f"{a}-{b}")
+        if seen is None:
+            raise SystemExit(f"core_pair_radius {pair!r}: no {a}-{b} pair in the model's training data (domain statistics)")
+        if radius >= seen:
+            raise SystemExit(f"core_pair_radius {pair!r} = {radius} Å reaches a training pair ({seen:.3f} Å): "
+                             "the clamp must lie inside the data")
     if core:
         config = {**payload["config"], **core}
         outer = max(config["core_switch_factor"], config["core_radius_factor"])
