@@ -365,28 +365,28 @@ def element_constants(elements: List[int]) -> Dict[str, Tensor]:
             "covalent_radius": torch.tensor([float(covalent_radii[z]) for z in zs], dtype=torch.float64)}
 
 
+# buffers derived from the config (not weights: outside the state dict and the checksum)
+CONFIG_BUFFERS = ("clamp_radius", "core_reach")
+
+
 def pair_clamp_radii(config: Dict[str, Any]) -> Tensor:
     """(S, S) radius below which the learned part sees a pair's distance clamped, in species order:
     ``core_radius_factor`` x (sum of covalent radii), or the ``core_pair_radius`` entry of that
     element pair ("Z1-Z2", either order)."""
-    from ase.data import covalent_radii
-
     zs = [int(z) for z in config["elements"]]
-    factor = float(config.get("core_radius_factor", 0.0))
-    explicit = {}
-    for key, radius in dict(config.get("core_pair_radius") or {}).items():
+    radius = element_constants(zs)["covalent_radius"]
+    table = float(config.get("core_radius_factor", 0.0)) * (radius[:, None] + radius[None, :])
+    for key, value in dict(config.get("core_pair_radius") or {}).items():
         try:
             a, b = (int(x) for x in str(key).split("-"))
         except ValueError:
             raise ValueError(f"core_pair_radius keys are element pairs 'Z1-Z2' (atomic numbers), got {key!r}") from None
         if a not in zs or b not in zs:
             raise ValueError(f"core_pair_radius names {key!r}, but the model's elements are {zs}")
-        if not float(radius) > 0.0:
-            raise ValueError(f"core_pair_radius[{key!r}] must be a positive distance in Å, got {radius!r}")
-        explicit[(a, b)] = explicit[(b, a)] = float(radius)
-    table = [[explicit.get((a, b), factor * (float(covalent_radii[a]) + float(covalent_radii[b]))) for b in zs]
-             for a in zs]
-    return torch.tensor(table, dtype=torch.float64)
+        if not float(value) > 0.0:
+            raise ValueError(f"core_pair_radius[{key!r}] must be a positive distance in Å, got {value!r}")
+        table[zs.index(a), zs.index(b)] = table[zs.index(b), zs.index(a)] = float(value)
+    return table
 
 
 def zbl_energy(r: Tensor, zi: Tensor, zj: Tensor) -> Tensor:
@@ -449,10 +449,15 @@ class MultiFidelityPaiNN(nn.Module):
         # constants of the elements, for the core repulsion (buffers: they follow .to(device))
         for name, values in element_constants(config["elements"]).items():
             self.register_buffer(name, values)
-        # where the learned part's pair distances are clamped: from the config, never trained, and
-        # not in the state dict (checksums and checkpoints are the weights; a re-shipped model may
-        # set other radii), but inside the TorchScript file
-        self.register_buffer("clamp_radius", pair_clamp_radii(config), persistent=False)
+        # CONFIG_BUFFERS: where the learned part's pair distances are clamped, and the distance
+        # below which a pair reaches any core term (clamp or ZBL switch); from the config, never
+        # trained, not in the state dict (a re-shipped model may set other radii), but inside the
+        # TorchScript file
+        clamp = pair_clamp_radii(config)
+        radius = self.covalent_radius
+        reach = torch.maximum(clamp, self.core_switch_factor * (radius[:, None] + radius[None, :]))
+        self.register_buffer("clamp_radius", clamp, persistent=False)
+        self.register_buffer("core_reach", reach, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -460,8 +465,9 @@ class MultiFidelityPaiNN(nn.Module):
         constants are filled in from the configuration."""
         for name, values in element_constants(self.config["elements"]).items():
             state_dict.setdefault(prefix + name, values.to(getattr(self, name).dtype))
-        # a TorchScript file's state dict lists the clamp radii; the eager module takes its config's
-        state_dict.pop(prefix + "clamp_radius", None)
+        # a TorchScript file's state dict lists the config buffers; the eager module takes its config's
+        for name in CONFIG_BUFFERS:
+            state_dict.pop(prefix + name, None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -499,14 +505,10 @@ class MultiFidelityPaiNN(nn.Module):
                       species_i: Tensor, species_j: Tensor) -> Tensor:
         unit = vectors / r.unsqueeze(-1)
         core = torch.zeros_like(r)
-        clamp = core
-        use_core = self.use_core
+        use_core = self.use_core and self._core_reached(r, species_i, species_j)
         if use_core:
             core = self.covalent_radius[species_i] + self.covalent_radius[species_j]
-            clamp = self.clamp_radius[species_i, species_j]
-            use_core = self._core_reached(r, core, clamp)
-        if use_core:
-            r_learned = self._clamped(r, clamp, self.core_clamp_width)
+            r_learned = self._clamped(r, self.clamp_radius[species_i, species_j], self.core_clamp_width)
         else:
             r_learned = r
         basis, envelope = self.radial(self._filter_distances(r_learned, pairs))
@@ -541,13 +543,13 @@ class MultiFidelityPaiNN(nn.Module):
             return r
         return r[:, upper[0], upper[1]]
 
-    def _core_reached(self, r: Tensor, core: Tensor, clamp: Tensor) -> bool:
+    def _core_reached(self, r: Tensor, species_i: Tensor, species_j: Tensor) -> bool:
         """Whether the core terms can differ from zero. Inside a TorchScript file on a CPU they are
         skipped when no pair is within reach of any core (ordinary MD: ~25 ops and their backward
         less per call, exactly the same numbers); elsewhere (training, torch.compile, CUDA, where
         a host sync per step would cost more) they are always computed."""
         if torch.jit.is_scripting() and not r.is_cuda:
-            return bool((r < torch.maximum(self.core_switch_factor * core, clamp)).any())
+            return bool((r < self.core_reach[species_i, species_j]).any())
         return True
 
     @staticmethod

@@ -68,13 +68,14 @@ class ModelFileWarning(UserWarning):
 
 
 def checksum(module: torch.nn.Module) -> str:
-    """SHA-256 over the names, dtypes and float64 values of all parameters and buffers, except the
-    clamp radii of the short-range core (``clamp_radius``): those follow the model's configuration,
-    a re-shipped model may set them anew (models/tools/ship.py --core), and a TorchScript file lists
-    them among its buffers where the eager module does not (a non-persistent buffer)."""
+    """SHA-256 over the names, dtypes and float64 values of all parameters and buffers, except those
+    derived from the configuration (``mfcalc.model.CONFIG_BUFFERS``: a re-shipped model may set them
+    anew, and a TorchScript file lists them where the eager module does not)."""
+    from .model import CONFIG_BUFFERS
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        if name.rsplit(".", 1)[-1] == "clamp_radius":
+        if name.rsplit(".", 1)[-1] in CONFIG_BUFFERS:
             continue
         digest.update(name.encode())
         data = tensor.detach().cpu()
