@@ -87,8 +87,8 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
         "core_clamp_width": 0.05,
         # per element pair "Z1-Z2": the learned part's pair distance clamped below this radius (Å)
         # instead of core_radius_factor x (sum of covalent radii), e.g. just inside the closest
-        # pair of that kind in the training data (models/tools/ship.py --core sets it from a model's
-        # domain statistics); pairs not listed keep the factor
+        # pair of that kind in the training data; pairs not listed keep the factor. A recipe may
+        # say "auto": mfcalc train sets it from its training data (mfcalc.domain.pair_clamp_from_data)
         "core_pair_radius": {},
     }
     unknown = set(overrides) - set(config)
@@ -376,7 +376,12 @@ def pair_clamp_radii(config: Dict[str, Any]) -> Tensor:
     zs = [int(z) for z in config["elements"]]
     radius = element_constants(zs)["covalent_radius"]
     table = float(config.get("core_radius_factor", 0.0)) * (radius[:, None] + radius[None, :])
-    for key, value in dict(config.get("core_pair_radius") or {}).items():
+    pairs = config.get("core_pair_radius") or {}
+    if not isinstance(pairs, dict):
+        raise ValueError(f"core_pair_radius must map element pairs 'Z1-Z2' to radii in Å, got {pairs!r}"
+                         + (" ('auto' is for recipes: mfcalc train replaces it with radii from its training "
+                            "data)" if pairs == "auto" else ""))
+    for key, value in pairs.items():
         try:
             a, b = (int(x) for x in str(key).split("-"))
         except ValueError:

@@ -21,6 +21,10 @@ keeps a random N of them, ``rest`` or no ``train`` keeps all)::
     held_out: {test: [acetone, pyridine], val: [oxetane]}
     datasets:
       - {path: ../data/chno/xtb_gfn2.npz, format: frames-npz, fidelity: GFN2-xTB, split_by: name}
+
+``model: {core_pair_radius: auto}`` clamps each element pair's learned distance just inside the
+closest pair of that kind in the training frames (mfcalc.domain.pair_clamp_from_data); the radii
+are written into the model's config.
 """
 
 import inspect
@@ -38,7 +42,7 @@ from .data import (
     Structure, read_ase_db, read_extxyz, read_frames_npz, read_gdml_npz, read_rmd17_npz, read_transition1x_json,
     split_indices,
 )
-from .domain import domain_statistics
+from .domain import domain_statistics, pair_clamp_from_data
 from .model import default_config
 from .modelfile import build_forcefield, checksum, export_model, load_checkpoint, save_checkpoint
 from .training import (
@@ -153,7 +157,13 @@ def run_recipe(
     splits = load_datasets(recipe, root, by_dataset=True)
     fidelities = list(dict.fromkeys(e["fidelity"] for e in recipe["datasets"]))
     elements = sorted({int(z) for s in splits["train"] for z in s.numbers})
-    config = default_config(elements, fidelities, **recipe.get("model", {}))
+    model_options = dict(recipe.get("model", {}))
+    if model_options.get("core_pair_radius") == "auto":
+        # each element pair clamped just inside its closest training distance (mfcalc.domain)
+        generic = default_config(elements, fidelities, **{**model_options, "core_pair_radius": {}})
+        model_options["core_pair_radius"] = pair_clamp_from_data(
+            splits["train"], float(generic["cutoff"]), elements, float(generic["core_radius_factor"]))
+    config = default_config(elements, fidelities, **model_options)
     known = {f.name for f in fields(TrainSettings)}
     unknown = set(recipe.get("training", {})) - known
     if unknown:

@@ -163,3 +163,5 @@ def test_a_pair_radius_clamps_only_that_pair(forcefield_factory, tmp_path):
         build_forcefield({**base.model.config, "core_pair_radius": {"H-H": 1.2}})
     with pytest.raises(ValueError, match="the model's elements are"):
         build_forcefield({**base.model.config, "core_pair_radius": {"7-7": 1.2}})
+    with pytest.raises(ValueError, match="'auto' is for recipes"):
+        build_forcefield({**base.model.config, "core_pair_radius": "auto"})

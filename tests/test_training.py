@@ -10,6 +10,7 @@ from mfcalc import MFCalculator, read_metadata
 from mfcalc.data import read_extxyz, read_gdml_npz, split_indices
 from mfcalc.recipe import run_recipe
 from mfcalc.finetune import load_base
+from mfcalc.modelfile import load_checkpoint
 from mfcalc.training import evaluate, fit_reference, sampling_weights, to_graphs
 from mfcalc.units import KCAL_PER_MOL_TO_EV
 
@@ -68,6 +69,13 @@ def test_recipe_trains_and_exports(tmp_path):
     assert meta["aliases"]["CCSD(T)"] == "CCSD(T)/cc-pVTZ"
     assert meta["test_errors"]["CCSD(T)/cc-pVTZ"]["n"] == 10
     assert json.loads((tmp_path / "out" / "card.json").read_text())["epochs_run"] == 2
+    # the recipe's core_pair_radius: auto became 0.9 x each pair's closest training distance
+    # (the domain statistics of the same training frames), where that exceeds the generic clamp
+    radii = load_checkpoint(tmp_path / "out" / "checkpoint.pt")["config"]["core_pair_radius"]
+    closest = meta["domain"]["pair_min_distance"]
+    assert set(radii) == {"1-1", "1-6", "1-8", "6-6", "6-8"} and set(radii) <= set(closest)
+    for pair, radius in radii.items():
+        assert radius == round(0.9 * closest[pair], 2) < closest[pair]
     calc = MFCalculator(tmp_path / "out", fidelity="CCSD(T)", device="cpu")
     from ase.build import molecule
 
