@@ -177,9 +177,16 @@ def pair_clamp_from_data(structures: Iterable[Any], cutoff: float, elements: Lis
     radii). A network fitted on, say, H-H pairs no closer than 1.4 Å is unconstrained below
     them (ethanol-mf v6 gave -2e6 eV for two H atoms at 0.4 Å); clamped there, the ZBL core and the
     learned value at the clamp decide. Pairs that never occur keep the generic clamp."""
+    shortest = domain_statistics(structures, cutoff)["pair_min_distance"]
+    return pair_clamp_from_closest(shortest, elements, factor, fraction)
+
+
+def pair_clamp_from_closest(shortest: Dict[str, float], elements: List[int], factor: float,
+                            fraction: float = PAIR_CLAMP_FRACTION) -> Dict[str, float]:
+    """``pair_clamp_from_data`` from the data's closest distance per element pair ("Z1-Z2" -> Å,
+    the ``pair_min_distance`` table of a model file's domain statistics)."""
     from ase.data import covalent_radii
 
-    shortest = domain_statistics(structures, cutoff)["pair_min_distance"]
     radii: Dict[str, float] = {}
     for key, d in shortest.items():
         a, b = (int(z) for z in key.split("-"))

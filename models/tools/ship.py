@@ -11,7 +11,8 @@ imported when it started; fixes made meanwhile to the scripted force path (e.g. 
 search) reach the shipped file this way, with the weights untouched. ``--core`` re-sets the
 short-range core (refused if a training pair lies inside it; ``core_pair_radius``, e.g.
 ``{"1-1": 1.27}``, clamps one element pair's learned distance below that radius, refused at or beyond
-the pair's closest training distance). README.md is re-rendered from the
+the pair's closest training distance; ``"auto"``: 0.9x each pair's closest training distance, as a
+recipe's ``core_pair_radius: auto`` does at training). README.md is re-rendered from the
 card: hand-written sections below the generated card (models/*/README.md) must be added again.
 ``--model-only`` replaces model.pt alone (the same weights through this checkout's force path).
 """
@@ -27,6 +28,7 @@ import torch
 from ase import Atoms
 
 from mfcalc import MFCalculator
+from mfcalc.domain import pair_clamp_from_closest
 from mfcalc.modelfile import build_forcefield, checksum, export_model, load_checkpoint, read_metadata, save_checkpoint
 from mfcalc.recipe import card_markdown, load_datasets, read_recipe
 
@@ -67,6 +69,13 @@ def main() -> None:
                     "core_pair_radius"}:
         raise SystemExit(f"--core takes only short-range settings, got {sorted(core)}")
     closest = meta.get("domain", {}).get("pair_min_distance", {})
+    if core.get("core_pair_radius") == "auto":  # as a recipe's auto: 0.9 x each pair's closest training distance
+        if not closest:
+            raise SystemExit(f"core_pair_radius auto needs the training-domain statistics in {run}/model.pt")
+        core["core_pair_radius"] = pair_clamp_from_closest(
+            closest, [int(z) for z in payload["config"]["elements"]],
+            float(core.get("core_radius_factor", payload["config"]["core_radius_factor"])))
+        print(f"core_pair_radius auto: {core['core_pair_radius']}")
     for pair, radius in core.get("core_pair_radius", {}).items():
         a, b = sorted(int(z) for z in pair.split("-"))
         seen = closest.get(f"{a}-{b}")
