@@ -169,7 +169,7 @@ def domain_statistics(structures: Iterable[Any], cutoff: float) -> Dict[str, Any
 PAIR_CLAMP_FRACTION = 0.9
 
 
-def pair_clamp_from_data(structures: Iterable[Any], cutoff: float, elements: List[int], factor: float,
+def pair_clamp_from_data(structures: Iterable[Any], cutoff: float, factor: float,
                          fraction: float = PAIR_CLAMP_FRACTION) -> Dict[str, float]:
     """``core_pair_radius`` for a model trained on ``structures``: each element pair's learned
     distance clamped below ``fraction`` x the closest distance of that pair in the data (rounded
@@ -178,10 +178,10 @@ def pair_clamp_from_data(structures: Iterable[Any], cutoff: float, elements: Lis
     them (ethanol-mf v6 gave -2e6 eV for two H atoms at 0.4 Å); clamped there, the ZBL core and the
     learned value at the clamp decide. Pairs that never occur keep the generic clamp."""
     shortest = domain_statistics(structures, cutoff)["pair_min_distance"]
-    return pair_clamp_from_closest(shortest, elements, factor, fraction)
+    return pair_clamp_from_closest(shortest, factor, fraction)
 
 
-def pair_clamp_from_closest(shortest: Dict[str, float], elements: List[int], factor: float,
+def pair_clamp_from_closest(shortest: Dict[str, float], factor: float,
                             fraction: float = PAIR_CLAMP_FRACTION) -> Dict[str, float]:
     """``pair_clamp_from_data`` from the data's closest distance per element pair ("Z1-Z2" -> Å,
     the ``pair_min_distance`` table of a model file's domain statistics)."""
@@ -190,8 +190,6 @@ def pair_clamp_from_closest(shortest: Dict[str, float], elements: List[int], fac
     radii: Dict[str, float] = {}
     for key, d in shortest.items():
         a, b = (int(z) for z in key.split("-"))
-        if a not in elements or b not in elements:
-            continue
         radius = round(fraction * d, 2)
         if radius > factor * (covalent_radii[a] + covalent_radii[b]):
             radii[key] = float(radius)

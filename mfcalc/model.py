@@ -509,13 +509,10 @@ class MultiFidelityPaiNN(nn.Module):
     def atom_energies(self, species: Tensor, fidelity: Tensor, pairs: Pairs, vectors: Tensor, r: Tensor,
                       species_i: Tensor, species_j: Tensor) -> Tensor:
         unit = vectors / r.unsqueeze(-1)
-        core = torch.zeros_like(r)
         use_core = self.use_core and self._core_reached(r, species_i, species_j)
+        r_learned = r
         if use_core:
-            core = self.covalent_radius[species_i] + self.covalent_radius[species_j]
             r_learned = self._clamped(r, self.clamp_radius[species_i, species_j], self.core_clamp_width)
-        else:
-            r_learned = r
         basis, envelope = self.radial(self._filter_distances(r_learned, pairs))
         f = self.fidelity_embedding(fidelity)
 
@@ -537,6 +534,7 @@ class MultiFidelityPaiNN(nn.Module):
         out = self.readout(torch.cat([s, f], dim=-1)).squeeze(-1)
         energies = out * self.scale + self.e0[fidelity, species]
         if use_core:
+            core = self.covalent_radius[species_i] + self.covalent_radius[species_j]
             energies = accumulate(energies, self._core_repulsion(r, core, species_i, species_j, pairs), pairs)
         return energies
 

@@ -162,7 +162,7 @@ def run_recipe(
         # each element pair clamped just inside its closest training distance (mfcalc.domain)
         generic = default_config(elements, fidelities, **{**model_options, "core_pair_radius": {}})
         model_options["core_pair_radius"] = pair_clamp_from_data(
-            splits["train"], float(generic["cutoff"]), elements, float(generic["core_radius_factor"]))
+            splits["train"], float(generic["cutoff"]), float(generic["core_radius_factor"]))
     config = default_config(elements, fidelities, **model_options)
     known = {f.name for f in fields(TrainSettings)}
     unknown = set(recipe.get("training", {})) - known

@@ -73,8 +73,7 @@ def main() -> None:
         if not closest:
             raise SystemExit(f"core_pair_radius auto needs the training-domain statistics in {run}/model.pt")
         core["core_pair_radius"] = pair_clamp_from_closest(
-            closest, [int(z) for z in payload["config"]["elements"]],
-            float(core.get("core_radius_factor", payload["config"]["core_radius_factor"])))
+            closest, float(core.get("core_radius_factor", payload["config"]["core_radius_factor"])))
         print(f"core_pair_radius auto: {core['core_pair_radius']}")
     for pair, radius in core.get("core_pair_radius", {}).items():
         a, b = sorted(int(z) for z in pair.split("-"))
