@@ -2,7 +2,7 @@
 split, test on the full test split; energy and forces MAE per molecule, next to the published
 MACE and NequIP numbers (Batatia et al. 2022, Table 2 / low-data table).
 
-    python benchmarks/rmd17.py --molecules benzene ethanol --n 50 [--n 1000] [--model-size default]
+    python benchmarks/rmd17.py --molecules benzene ethanol --n 50 [--n 1000] [--model-size small|accurate]
         [--epochs auto] [--results benchmarks/results/rmd17] [--tag NAME] [--save-models DIR]
     python benchmarks/rmd17.py --molecules benzene --n 50 --committee DIR/a.pt DIR/b.pt --tag NAME
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 
 from mfcalc.data import read_extxyz, read_rmd17_npz
-from mfcalc.model import default_config
+from mfcalc.model import SIZES, default_config
 from mfcalc.modelfile import build_forcefield
 from mfcalc.training import TrainSettings, evaluate, to_graphs, train
 
@@ -50,9 +50,6 @@ PUBLISHED = {
     "salicylic": {1000: {"MACE": (0.9, 3.1), "NequIP": (0.7, 4.0)}, 50: {"MACE": (6.5, 28.4), "NequIP": (8.0, 35.0)}},
     "toluene": {1000: {"MACE": (0.5, 1.5), "NequIP": (0.3, 1.6)}, 50: {"MACE": (3.1, 12.1), "NequIP": (3.3, 15.1)}},
     "uracil": {1000: {"MACE": (0.5, 2.1), "NequIP": (0.4, 3.1)}, 50: {"MACE": (4.4, 25.9), "NequIP": (7.3, 40.1)}},
-}
-SIZES = {
-    "default": {},  # the shipped architecture (mfcalc.model.default_config)
 }
 
 
@@ -79,7 +76,7 @@ def run(molecule: str, n: int, size: str, epochs: str, minutes: float, lr: float
         energy_weight: float, log, options: dict = None) -> dict:
     train_set, test_set = load(molecule, n)
     elements = sorted({int(z) for s in train_set for z in s.numbers})
-    config = default_config(elements, [FIDELITY], **{**SIZES[size], **(options or {})})
+    config = default_config(elements, [FIDELITY], size=size, **(options or {}))
     torch.manual_seed(0)
     forcefield = build_forcefield(config).double()
     steps = max(1, n // batch_size)
@@ -224,7 +221,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--molecules", nargs="+", default=list(MOLECULES), choices=MOLECULES)
     parser.add_argument("--n", type=int, nargs="+", default=[50])
-    parser.add_argument("--model-size", default="default", choices=sorted(SIZES))
+    parser.add_argument("--model-size", default="small", choices=sorted(SIZES),
+                        help="a named network size of mfcalc.model.SIZES (rows before 2026-12-07 say 'default': small)")
     parser.add_argument("--model-options", default="{}", help='JSON overrides of the size, e.g. \'{"max_l": 2}\'')
     parser.add_argument("--epochs", default="auto", help="'auto' (fill --minutes) or a number")
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget per row with --epochs auto")

@@ -49,9 +49,25 @@ from torch import Tensor, nn
 
 FIDELITY_MODES = ("readout", "film")
 
+# Named network sizes: the options each sets on top of the defaults below (benchmarks/pareto.py
+# puts them on one accuracy/speed table; rMD17 forces MAE at N = 50 and ethanol ms/MD step there).
+#   "small": PaiNN, l <= 1, 20 radial functions, one linear radial filter (158k parameters for
+#            CHNO): the fastest; 2-3x MACE's rMD17 error at N = 50.
+#   "accurate": rank-2 tensor features, a radial MLP and 8 radial functions (347k parameters): the
+#            network of the shipped models since ethanol-mf v6 / chno-mf v5; 1.3-2.0x MACE's error
+#            at N = 50, about half the speed of "small" (still > 10x MACE-OFF small on ethanol).
+SIZES: Dict[str, Dict[str, Any]] = {
+    "small": {},
+    "accurate": {"max_l": 2, "radial_mlp": 64, "radial_basis": 8},
+}
 
-def default_config(elements: List[int], fidelities: List[str], **overrides: Any) -> Dict[str, Any]:
-    """A complete model configuration; ``overrides`` replace any default."""
+
+def default_config(elements: List[int], fidelities: List[str], size: str = "small",
+                   **overrides: Any) -> Dict[str, Any]:
+    """A complete model configuration: the options of the named ``size`` (``SIZES``), then
+    ``overrides``, which replace any of them."""
+    if size not in SIZES:
+        raise ValueError(f"unknown network size {size!r}; known: {sorted(SIZES)}")
     config: Dict[str, Any] = {
         "elements": sorted(int(z) for z in elements),
         "fidelities": list(fidelities),
@@ -93,7 +109,8 @@ def default_config(elements: List[int], fidelities: List[str], **overrides: Any)
     }
     unknown = set(overrides) - set(config)
     if unknown:
-        raise ValueError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(config)}")
+        raise ValueError(f"unknown model option(s) {sorted(unknown)}; known: {sorted(config)} (and size)")
+    config.update(SIZES[size])
     config.update(overrides)
     if config["fidelity_mode"] not in FIDELITY_MODES:
         raise ValueError(

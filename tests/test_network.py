@@ -160,3 +160,19 @@ def test_node_products_need_rank2_tensors():
 
     with pytest.raises(ValueError, match="node_products needs the rank-2 tensors"):
         default_config([1, 6], ["x"], node_products=True)
+
+
+def test_named_sizes_set_their_options_and_overrides_win():
+    from mfcalc.model import SIZES, default_config
+
+    small = default_config([1, 6], ["x"])
+    assert small == default_config([1, 6], ["x"], size="small")
+    accurate = default_config([1, 6], ["x"], size="accurate")
+    assert (accurate["max_l"], accurate["radial_mlp"], accurate["radial_basis"]) == (2, 64, 8)
+    # everything a size does not name stays at the default
+    assert {k: v for k, v in accurate.items() if k not in SIZES["accurate"]} == \
+        {k: v for k, v in small.items() if k not in SIZES["accurate"]}
+    assert default_config([1, 6], ["x"], size="accurate", radial_basis=12)["radial_basis"] == 12
+    with pytest.raises(ValueError, match="unknown network size 'huge'; known: \\['accurate', 'small'\\]"):
+        default_config([1, 6], ["x"], size="huge")
+

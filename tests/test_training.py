@@ -10,6 +10,7 @@ from mfcalc import MFCalculator, read_metadata
 from mfcalc.data import read_extxyz, read_gdml_npz, split_indices
 from mfcalc.recipe import run_recipe
 from mfcalc.finetune import load_base
+from mfcalc.model import SIZES
 from mfcalc.modelfile import load_checkpoint
 from mfcalc.training import evaluate, fit_reference, sampling_weights, to_graphs
 from mfcalc.units import KCAL_PER_MOL_TO_EV
@@ -59,7 +60,10 @@ def test_recipe_trains_and_exports(tmp_path):
     for entry in recipe["datasets"]:
         entry["path"] = str(Path(__file__).resolve().parent.parent / "recipes" / entry["path"])
         entry.update(train=30, val=5, test=10)
-    recipe["model"].update(features=16, layers=1)
+    # the shipped recipe's network, named by its size instead of its options
+    assert {k: recipe["model"][k] for k in SIZES["accurate"]} == SIZES["accurate"]
+    recipe["model"] = {"size": "accurate", "features": 16, "layers": 1,
+                       "core_pair_radius": recipe["model"]["core_pair_radius"]}
     recipe["training"].update(epochs=2, steps_per_epoch=5, batch_size=4)
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -71,7 +75,9 @@ def test_recipe_trains_and_exports(tmp_path):
     assert json.loads((tmp_path / "out" / "card.json").read_text())["epochs_run"] == 2
     # the recipe's core_pair_radius: auto became 0.9 x each pair's closest training distance
     # (the domain statistics of the same training frames), where that exceeds the generic clamp
-    radii = load_checkpoint(tmp_path / "out" / "checkpoint.pt")["config"]["core_pair_radius"]
+    config = load_checkpoint(tmp_path / "out" / "checkpoint.pt")["config"]
+    assert (config["max_l"], config["radial_mlp"], config["radial_basis"], config["features"]) == (2, 64, 8, 16)
+    radii = config["core_pair_radius"]
     closest = meta["domain"]["pair_min_distance"]
     assert set(radii) == {"1-1", "1-6", "1-8", "6-6", "6-8"} and set(radii) <= set(closest)
     for pair, radius in radii.items():
