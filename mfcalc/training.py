@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -257,6 +257,11 @@ class TrainSettings:
     weight_decay: float = 1e-6
     energy_weight: float = 10.0
     forces_weight: float = 1.0
+    # a last stage (MACE's "SWA" stage): from epoch (1 - final_fraction) x epochs on, the energy
+    # weight is final_energy_weight instead (None: one stage). Model selection keeps scoring
+    # with energy_weight, so scores stay comparable across the switch.
+    final_energy_weight: Optional[float] = None
+    final_fraction: float = 0.2
     fidelity_weights: Optional[Dict[str, float]] = None
     sampling_temperature: float = 0.5
     ema_decay: float = 0.995
@@ -271,6 +276,14 @@ class TrainSettings:
     inner_steps: int = 5
     inner_lr: float = 1e-3
     outer_lr: float = 0.5
+
+
+def stage_settings(settings: "TrainSettings", epoch: int) -> "TrainSettings":
+    """The settings the loss of ``epoch`` uses: ``settings``, or in the last stage the same with
+    ``final_energy_weight`` as the energy weight."""
+    if settings.final_energy_weight is None or epoch < round((1 - settings.final_fraction) * settings.epochs):
+        return settings
+    return replace(settings, energy_weight=settings.final_energy_weight)
 
 
 def _batch_loss(forcefield, batch, fid_weight, settings, dtype):
@@ -507,6 +520,10 @@ def train(
         forcefield.train()
         # batches depend on (seed, rank, epoch) only: a resumed run draws what the first would have
         rng = np.random.default_rng([settings.seed, rank, epoch])
+        loss_settings = stage_settings(settings, epoch)
+        if loss_settings is not settings and rank == 0 and (
+                epoch == first_epoch or stage_settings(settings, epoch - 1) is settings):
+            log(f"last stage from epoch {epoch}: energy weight {settings.energy_weight:g} -> {loss_settings.energy_weight:g}")
         running = {"energy": 0.0, "forces": 0.0}
         f_abs = np.zeros(len(fidelities))
         f_count = np.zeros(len(fidelities))
@@ -516,13 +533,13 @@ def train(
                 group["lr"] = settings.lr * lr_factor
             if settings.meta == "reptile":
                 out, batch, e_loss, f_loss = _reptile_step(
-                    forcefield, train_graphs, task_members, rng, settings, lr_factor, fid_weight, dtype,
+                    forcefield, train_graphs, task_members, rng, loss_settings, lr_factor, fid_weight, dtype,
                     parameters, world,
                 )
             else:
                 picks = rng.choice(len(train_graphs), size=settings.batch_size, p=probabilities)
                 batch = collate([train_graphs[i] for i in picks], dtype)
-                out, e_loss, f_loss = _sgd_step(forcefield, batch, fid_weight, settings, dtype, optimizer,
+                out, e_loss, f_loss = _sgd_step(forcefield, batch, fid_weight, loss_settings, dtype, optimizer,
                                                 parameters, world)
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), forcefield.parameters()):

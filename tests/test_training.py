@@ -339,3 +339,27 @@ def test_same_size_batches_train_through_the_dense_layout_with_the_same_loss(for
     assert "dense_positions" not in collate(to_graphs([frames[0], small], forcefield.fidelities, forcefield.cutoff))
     boxed = replace(frames[0], cell=np.eye(3) * 30.0, pbc=np.ones(3, bool))
     assert "dense_positions" not in collate(to_graphs([frames[0], boxed], forcefield.fidelities, forcefield.cutoff))
+
+
+def test_last_stage_switches_the_energy_weight(forcefield_factory, monkeypatch):
+    """final_energy_weight applies from epoch round((1 - final_fraction) x epochs) on, to every
+    optimiser step of those epochs and no other; model selection keeps the first weight."""
+    import mfcalc.training as training
+    from mfcalc.training import TrainSettings, stage_settings, train
+
+    settings = TrainSettings(epochs=5, steps_per_epoch=2, batch_size=2, energy_weight=1.0,
+                             final_energy_weight=100.0, final_fraction=0.4, dtype="float64")
+    assert [stage_settings(settings, e).energy_weight for e in range(5)] == [1, 1, 1, 100, 100]
+    assert stage_settings(TrainSettings(energy_weight=3.0), 10**6).energy_weight == 3.0
+
+    seen = []
+    step = training._sgd_step
+    monkeypatch.setattr(training, "_sgd_step", lambda ff, b, w, s, *a: seen.append(s.energy_weight) or step(ff, b, w, s, *a))
+    frames = read_extxyz(DATA / "ethanol_rmd17_pbe_def2svp-train1000.xyz", "mid", index=":6")
+    logged = []
+    summary = train(forcefield_factory(seed=0), frames[:4], frames[4:], settings, log=logged.append)
+    assert seen == [1.0] * 6 + [100.0] * 4
+    assert sum("last stage from epoch 3: energy weight 1 -> 100" in line for line in logged) == 1
+    for record in summary["history"]:  # the score is the validation error with energy weight 1
+        m = record["val"]["mid"]
+        assert record["score"] == pytest.approx(m["energy_mae_per_atom"] + m["forces_mae"])
