@@ -73,7 +73,8 @@ def epochs_for(n: int, batch_size: int, minutes: float, seconds_per_step: float)
 
 
 def run(molecule: str, n: int, size: str, epochs: str, minutes: float, lr: float, batch_size: int,
-        energy_weight: float, log, options: dict = None, final_energy_weight: Optional[float] = None) -> dict:
+        energy_weight: float, log, options: dict = None, final_energy_weight: Optional[float] = None,
+        weight_decay: float = 1e-6) -> dict:
     train_set, test_set = load(molecule, n)
     elements = sorted({int(z) for s in train_set for z in s.numbers})
     config = default_config(elements, [FIDELITY], size=size, **(options or {}))
@@ -90,7 +91,7 @@ def run(molecule: str, n: int, size: str, epochs: str, minutes: float, lr: float
     settings = TrainSettings(
         epochs=n_epochs, steps_per_epoch=steps, batch_size=batch_size, lr=lr, lr_min_factor=0.01,
         energy_weight=energy_weight, forces_weight=1.0, ema_decay=0.99, dtype="float64", patience=10**9,
-        sampling_temperature=1.0, final_energy_weight=final_energy_weight,
+        sampling_temperature=1.0, final_energy_weight=final_energy_weight, weight_decay=weight_decay,
     )
     start = time.perf_counter()
     summary = train(forcefield, train_set, [], settings, log=log)
@@ -104,7 +105,7 @@ def run(molecule: str, n: int, size: str, epochs: str, minutes: float, lr: float
         "molecule": molecule, "n_train": n, "n_test": len(test_set), "size": size, "epochs": n_epochs,
         "train_energy_mae_meV": 1000 * fit["energy_mae"], "train_forces_mae_meV_A": 1000 * fit["forces_mae"],
         "steps": n_epochs * steps, "batch_size": batch_size, "lr": lr, "energy_weight": energy_weight,
-        "final_energy_weight": final_energy_weight, "train_minutes": round(train_minutes, 2), "energy_mae_meV": 1000 * errors["energy_mae"],
+        "final_energy_weight": final_energy_weight, "weight_decay": weight_decay, "train_minutes": round(train_minutes, 2), "energy_mae_meV": 1000 * errors["energy_mae"],
         "forces_mae_meV_A": 1000 * errors["forces_mae"],
         "parameters": sum(p.numel() for p in forcefield.parameters()),
         "config": {k: v for k, v in config.items() if k not in ("elements", "fidelities")},
@@ -229,6 +230,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--energy-weight", type=float, default=10.0)
+    parser.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW's decoupled weight decay")
     parser.add_argument("--final-energy-weight", type=float, default=None,
                         help="energy weight of the last 20%% of the epochs (MACE's SWA stage; default: no stage)")
     parser.add_argument("--tag", default=None, help="row label (default: the model size)")
@@ -262,7 +264,8 @@ def main() -> None:
                 row, forcefield = run(molecule, n, args.model_size, args.epochs, args.minutes, args.lr,
                                       args.batch_size, args.energy_weight, log=lambda *_: None,
                                       options=json.loads(args.model_options),
-                                      final_energy_weight=args.final_energy_weight)
+                                      final_energy_weight=args.final_energy_weight,
+                                      weight_decay=args.weight_decay)
             row["tag"] = tag
             if args.save_models and forcefield is not None:
                 from mfcalc.modelfile import export_model
