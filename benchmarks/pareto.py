@@ -37,6 +37,7 @@ SIZES = {
         {"radial_mlp": 64, "max_l": 2}, ["ew1-rmlp64-l2", "ew1-lr5e-3-rmlp64-l2"]),
     "mfcalc accurate (l=2 + radial MLP, 8 radial functions; ethanol-mf v6, chno-mf v5)": (
         NETWORK_SIZES["accurate"], ["ew1-rmlp64-l2-rb8", "ew1-lr5e-3-rmlp64-l2-rb8"]),
+    "mfcalc accurate, 32 features": ({**NETWORK_SIZES["accurate"], "features": 32}, ["accurate-f32"]),
 }
 MOLECULES = ("ethanol", "benzene", "naphthalene", "salicylic", "toluene", "uracil")
 MACE_N50 = {m: PUBLISHED[m][50]["MACE"][1] for m in MOLECULES}  # forces MAE meV/Å

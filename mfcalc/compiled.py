@@ -38,10 +38,28 @@ def _inductor_options(device: torch.device) -> Dict[str, bool]:
     return {"cpp_wrapper": True} if device.type == "cpu" else {}
 
 
+# Dynamo keeps its compiled graphs per code object: every model compiled in one process (and
+# every graph variant of one) is another entry for the same inner ``energy`` function, and past
+# torch._dynamo.config.recompile_limit (8 by default) dynamo silently runs that function eagerly
+# instead. Measured (benchmarks/pareto.py, five models in one process, 2026-12-07): the 4th and
+# 5th models compiled for aspirin ran at 15.7-19.9 ms/step instead of ~4.3.
+RECOMPILE_LIMIT = 1024
+
+
+def allow_many_compiled_models() -> None:
+    """Raise dynamo's per-function recompile limits to at least RECOMPILE_LIMIT (never lower them)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) < RECOMPILE_LIMIT:
+            setattr(config, name, RECOMPILE_LIMIT)
+
+
 class CompiledForceField:
     """``ForceField.compute`` with energy + gradient compiled as one graph (inference only)."""
 
     def __init__(self, forcefield: ForceField, dynamic: bool = True):
+        allow_many_compiled_models()
         self.forcefield = forcefield.eval()
         for p in self.forcefield.parameters():
             p.requires_grad_(False)
