@@ -74,11 +74,11 @@ def epochs_for(n: int, batch_size: int, minutes: float, seconds_per_step: float)
 
 def run(molecule: str, n: int, size: str, epochs: str, minutes: float, lr: float, batch_size: int,
         energy_weight: float, log, options: dict = None, final_energy_weight: Optional[float] = None,
-        weight_decay: float = 1e-6) -> dict:
+        weight_decay: float = 1e-6, seed: int = 0) -> dict:
     train_set, test_set = load(molecule, n)
     elements = sorted({int(z) for s in train_set for z in s.numbers})
     config = default_config(elements, [FIDELITY], size=size, **(options or {}))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the initial weights (the N frames do not depend on it)
     forcefield = build_forcefield(config).double()
     steps = max(1, n // batch_size)
     if epochs == "auto":  # time one step first
@@ -91,7 +91,7 @@ def run(molecule: str, n: int, size: str, epochs: str, minutes: float, lr: float
     settings = TrainSettings(
         epochs=n_epochs, steps_per_epoch=steps, batch_size=batch_size, lr=lr, lr_min_factor=0.01,
         energy_weight=energy_weight, forces_weight=1.0, ema_decay=0.99, dtype="float64", patience=10**9,
-        sampling_temperature=1.0, final_energy_weight=final_energy_weight, weight_decay=weight_decay,
+        sampling_temperature=1.0, final_energy_weight=final_energy_weight, weight_decay=weight_decay, seed=seed,
     )
     start = time.perf_counter()
     summary = train(forcefield, train_set, [], settings, log=log)
@@ -105,7 +105,7 @@ def run(molecule: str, n: int, size: str, epochs: str, minutes: float, lr: float
         "molecule": molecule, "n_train": n, "n_test": len(test_set), "size": size, "epochs": n_epochs,
         "train_energy_mae_meV": 1000 * fit["energy_mae"], "train_forces_mae_meV_A": 1000 * fit["forces_mae"],
         "steps": n_epochs * steps, "batch_size": batch_size, "lr": lr, "energy_weight": energy_weight,
-        "final_energy_weight": final_energy_weight, "weight_decay": weight_decay, "train_minutes": round(train_minutes, 2), "energy_mae_meV": 1000 * errors["energy_mae"],
+        "final_energy_weight": final_energy_weight, "weight_decay": weight_decay, "seed": seed, "train_minutes": round(train_minutes, 2), "energy_mae_meV": 1000 * errors["energy_mae"],
         "forces_mae_meV_A": 1000 * errors["forces_mae"],
         "parameters": sum(p.numel() for p in forcefield.parameters()),
         "config": {k: v for k, v in config.items() if k not in ("elements", "fidelities")},
@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--energy-weight", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights and batch order (the N training frames stay the same)")
     parser.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW's decoupled weight decay")
     parser.add_argument("--final-energy-weight", type=float, default=None,
                         help="energy weight of the last 20%% of the epochs (MACE's SWA stage; default: no stage)")
@@ -265,7 +267,7 @@ def main() -> None:
                                       args.batch_size, args.energy_weight, log=lambda *_: None,
                                       options=json.loads(args.model_options),
                                       final_energy_weight=args.final_energy_weight,
-                                      weight_decay=args.weight_decay)
+                                      weight_decay=args.weight_decay, seed=args.seed)
             row["tag"] = tag
             if args.save_models and forcefield is not None:
                 from mfcalc.modelfile import export_model
