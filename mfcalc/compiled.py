@@ -51,8 +51,11 @@ def allow_many_compiled_models() -> None:
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
                  "accumulated_cache_size_limit"):
-        if isinstance(getattr(config, name, None), int) and getattr(config, name) < RECOMPILE_LIMIT:
-            setattr(config, name, RECOMPILE_LIMIT)
+        try:  # the names differ between torch versions (cache_size_limit became recompile_limit)
+            if isinstance(getattr(config, name), int) and getattr(config, name) < RECOMPILE_LIMIT:
+                setattr(config, name, RECOMPILE_LIMIT)
+        except AttributeError:
+            continue
 
 
 class CompiledForceField:

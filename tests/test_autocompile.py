@@ -145,16 +145,19 @@ def test_a_process_that_ends_while_compiling_waits_and_exits_cleanly(tiny_model,
         assert "waiting for it to finish before exiting" in out.stderr
 
 
-def test_compiling_a_model_lifts_dynamos_recompile_limit(forcefield_factory, monkeypatch):
+
+def test_compiling_a_model_lifts_dynamos_recompile_limit(forcefield_factory):
     """Every model compiled in a process is a recompile of the same inner function; at dynamo's
     default limit (8) the 9th would silently run eagerly (pareto.py: 4.5 -> 19.9 ms/step)."""
     import torch
 
     from mfcalc.compiled import RECOMPILE_LIMIT, CompiledForceField
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    CompiledForceField(forcefield_factory(seed=0))
-    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 64
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 10**6)  # never lowered
-    CompiledForceField(forcefield_factory(seed=0))
-    assert torch._dynamo.config.recompile_limit == 10**6
+    config = torch._dynamo.config
+    with config.patch(recompile_limit=8):  # dynamo's own patch: restored exactly afterwards
+        CompiledForceField(forcefield_factory(seed=0))
+        assert config.recompile_limit == RECOMPILE_LIMIT >= 64
+    with config.patch(recompile_limit=10**6):  # never lowered
+        CompiledForceField(forcefield_factory(seed=0))
+        assert config.recompile_limit == 10**6
+    assert isinstance(config.recompile_limit, int)
