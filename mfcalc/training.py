@@ -278,10 +278,18 @@ class TrainSettings:
     outer_lr: float = 0.5
 
 
+def final_stage_start(settings: "TrainSettings") -> Optional[int]:
+    """The first epoch of the last stage (None: one stage)."""
+    if settings.final_energy_weight is None:
+        return None
+    return round((1 - settings.final_fraction) * settings.epochs)
+
+
 def stage_settings(settings: "TrainSettings", epoch: int) -> "TrainSettings":
     """The settings the loss of ``epoch`` uses: ``settings``, or in the last stage the same with
     ``final_energy_weight`` as the energy weight."""
-    if settings.final_energy_weight is None or epoch < round((1 - settings.final_fraction) * settings.epochs):
+    start = final_stage_start(settings)
+    if start is None or epoch < start:
         return settings
     return replace(settings, energy_weight=settings.final_energy_weight)
 
@@ -521,8 +529,7 @@ def train(
         # batches depend on (seed, rank, epoch) only: a resumed run draws what the first would have
         rng = np.random.default_rng([settings.seed, rank, epoch])
         loss_settings = stage_settings(settings, epoch)
-        if loss_settings is not settings and rank == 0 and (
-                epoch == first_epoch or stage_settings(settings, epoch - 1) is settings):
+        if loss_settings is not settings and rank == 0 and epoch == max(first_epoch, final_stage_start(settings)):
             log(f"last stage from epoch {epoch}: energy weight {settings.energy_weight:g} -> {loss_settings.energy_weight:g}")
         running = {"energy": 0.0, "forces": 0.0}
         f_abs = np.zeros(len(fidelities))
