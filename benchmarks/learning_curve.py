@@ -3,7 +3,11 @@ from a shipped base, on one rMD17 molecule. Each point is one `benchmarks/rmd17.
 protocol is exactly that script's (fixed permutation of the train split, full test split).
 
     python benchmarks/learning_curve.py run --molecule naphthalene --n 10 25 50 100 200 --base chno-mf
-    python benchmarks/learning_curve.py plot --molecule naphthalene
+    python benchmarks/learning_curve.py run --molecule naphthalene --n 10 25 50 --scratch-only ...
+    python benchmarks/learning_curve.py plot --molecule naphthalene --base chno-mf runs/chno-mf+rmd17-no-naphthalene
+
+Several bases give one fine-tuned curve each (tag `curve-ft-<name>`, the name being the model name or
+the directory's name); scratch always uses the first base's network.
 
 `run` trains what is missing (tags `curve-scratch` and `curve-ft-<base>`; scratch uses the fine-tuning
 protocol's own step budget and learning-rate schedule from `mfcalc.finetune.finetune_settings`, on the
@@ -30,6 +34,11 @@ def rows_for(molecule: str, tag: str) -> dict:
     return {r["n_train"]: r for r in rows if r["molecule"] == molecule and r["tag"] == tag}
 
 
+def label(base: str) -> str:
+    """A base's short name in tags and legends: a shipped model's name, or a path's last part."""
+    return Path(base).name if ("/" in base or Path(base).exists()) else base
+
+
 def scratch_options(base: str) -> dict:
     """The base's network options, so scratch and fine-tuned rows share an architecture."""
     from mfcalc.modelfile import read_metadata, resolve_model_path
@@ -45,33 +54,37 @@ def run(args) -> None:
     script = str(ROOT / "benchmarks" / "rmd17.py")
     options = json.loads(args.scratch_options) if args.scratch_options else None
     for n in args.n:
-        if not args.scratch_only and n not in rows_for(args.molecule, f"curve-ft-{args.base}"):
-            subprocess.run([sys.executable, script, "--molecules", args.molecule, "--n", str(n), "--base", args.base,
-                            "--tag", f"curve-ft-{args.base}"], check=True)
+        for base in [] if args.scratch_only else args.base:
+            if n not in rows_for(args.molecule, f"curve-ft-{label(base)}"):
+                subprocess.run([sys.executable, script, "--molecules", args.molecule, "--n", str(n), "--base", base,
+                                "--tag", f"curve-ft-{label(base)}"], check=True)
         if n not in rows_for(args.molecule, "curve-scratch"):
             s = finetune_settings(n, "full")  # rmd17.py's epoch = n // batch steps: match the step budget
             epochs = max(1, (s.epochs * s.steps_per_epoch) // max(1, n // s.batch_size))
             subprocess.run([sys.executable, script, "--molecules", args.molecule, "--n", str(n),
-                            "--model-options", json.dumps(options or scratch_options(args.base)), "--epochs", str(epochs),
+                            "--model-options", json.dumps(options or scratch_options(args.base[0])), "--epochs", str(epochs),
                             "--batch-size", str(s.batch_size), "--lr", str(s.lr),
                             "--energy-weight", str(s.energy_weight), "--tag", "curve-scratch"], check=True)
 
 
 def plot(args) -> None:
-    curves = {tag: rows_for(args.molecule, tag) for tag in ("curve-scratch", f"curve-ft-{args.base}")}
+    names = {"curve-scratch": "from scratch"}
+    names.update({f"curve-ft-{label(b)}": f"fine-tuned from {label(b)}" for b in args.base})
+    curves = {tag: rows_for(args.molecule, tag) for tag in names}
     ns = sorted({n for c in curves.values() for n in c})
+    bases = ", ".join(f"`{label(b)}`" for b in args.base)
     lines = [f"# Learning curve, rMD17 {args.molecule} (`python benchmarks/learning_curve.py`)", "",
-             "Forces MAE meV/Å (energy MAE meV) on the full test split; scratch and fine-tuned share the network "
-             f"and the step budget of `mfcalc finetune`'s protocol; fine-tuned from `{args.base}` with no flags. "
-             f"MACE from scratch at N = 50 (published): {MACE_N50.get(args.molecule, '-')} meV/Å.", "",
-             "| N | from scratch | fine-tuned | scratch min | fine-tune min |", "|---|---|---|---|---|"]
+             "Forces MAE meV/Å (energy MAE meV) on the full test split, training minutes after the slash; scratch "
+             "and fine-tuned share the network and the step budget of `mfcalc finetune`'s protocol; fine-tuned "
+             f"from {bases} with no flags. MACE from scratch at N = 50 (published): "
+             f"{MACE_N50.get(args.molecule, '-')} meV/Å.", "",
+             "| N | " + " | ".join(names.values()) + " |", "|---|" + "---|" * len(names)]
     for n in ns:
         cells = []
         for c in curves.values():
             r = c.get(n)
-            cells.append(f"{r['forces_mae_meV_A']:.1f} ({r['energy_mae_meV']:.2f})" if r else "-")
-        mins = [f"{c[n]['train_minutes']:.1f}" if n in c else "-" for c in curves.values()]
-        lines.append(f"| {n} | {cells[0]} | {cells[1]} | {mins[0]} | {mins[1]} |")
+            cells.append(f"{r['forces_mae_meV_A']:.1f} ({r['energy_mae_meV']:.2f}) / {r['train_minutes']:.1f}" if r else "-")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     (RESULTS / f"learning_curve_{args.molecule}.md").write_text(text)
@@ -83,9 +96,9 @@ def plot(args) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(5, 4))
-    for label, c in zip(("from scratch", f"fine-tuned from {args.base}"), curves.values()):
+    for tag, c in curves.items():
         xs = sorted(c)
-        ax.plot(xs, [c[n]["forces_mae_meV_A"] for n in xs], "o-", label=label)
+        ax.plot(xs, [c[n]["forces_mae_meV_A"] for n in xs], "o-", label=names[tag])
     if args.molecule in MACE_N50:
         ax.plot([50], [MACE_N50[args.molecule]], "k*", ms=10, label="MACE N=50 (published)")
     ax.set_xscale("log")
@@ -104,7 +117,7 @@ def main() -> None:
     parser.add_argument("action", choices=["run", "plot"])
     parser.add_argument("--molecule", default="naphthalene")
     parser.add_argument("--n", type=int, nargs="+", default=[10, 25, 50, 100, 200])
-    parser.add_argument("--base", default="chno-mf")
+    parser.add_argument("--base", nargs="+", default=["chno-mf"], help="one or more bases (names or paths)")
     parser.add_argument("--scratch-only", action="store_true", help="only the from-scratch rows")
     parser.add_argument("--scratch-options", help="JSON network options for scratch (default: the base's)")
     args = parser.parse_args()

@@ -62,7 +62,7 @@ def main() -> None:
         "base": args.base, "target_held_out": args.target, "molecules": others, "per_molecule": args.per_molecule,
         "frames": len(data), "fidelity": FIDELITY, "minutes": round(minutes, 1),
         "epochs_run": result.report.get("epochs_run"), "best_epoch": result.report.get("best_epoch"),
-        "settings": result.report.get("settings"), "command": "python " + " ".join(sys.argv),
+        "settings": result.report.get("settings"), "command": "python benchmarks/rmd17_family_base.py " + " ".join(sys.argv[1:]),
     }
     (Path(out).parent if Path(out).suffix else Path(out)).joinpath("family_base.json").write_text(json.dumps(record, indent=1))
     print(json.dumps({k: v for k, v in record.items() if k != "settings"}, indent=1))
