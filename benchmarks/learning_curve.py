@@ -36,7 +36,7 @@ def rows_for(molecule: str, tag: str) -> dict:
 
 def label(base: str) -> str:
     """A base's short name in tags and legends: a shipped model's name, or a path's last part."""
-    return Path(base).name if ("/" in base or Path(base).exists()) else base
+    return Path(base).name
 
 
 def scratch_options(base: str) -> dict:

@@ -20,24 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from rmd17 import FIDELITY, MOLECULES, load
 
-from rmd17 import FIDELITY, MOLECULES, SHARED
-
-from mfcalc.data import read_rmd17_npz
 from mfcalc.finetune import finetune, save_finetuned
 
 
-def family_data(target: str, per_molecule: int, seed: int = 0) -> tuple:
-    """The first ``per_molecule`` frames of a fixed permutation of each other molecule's train
-    split (ethanol is skipped: its shared split is the one the base already trained on)."""
+def family_data(target: str, per_molecule: int) -> tuple:
+    """Each other molecule's first ``per_molecule`` training frames, chosen as rmd17.py chooses
+    them (ethanol is skipped: its shared split is the one the base already trained on)."""
     others = [m for m in MOLECULES if m not in (target, "ethanol")]
-    data = []
-    for molecule in others:
-        frames = read_rmd17_npz(SHARED / "rmd17" / f"rmd17_{molecule}_train_01.npz", FIDELITY)
-        order = np.random.default_rng(seed).permutation(len(frames))
-        data += [frames[i] for i in order[:per_molecule]]
-    return others, data
+    return others, [s for m in others for s in load(m, per_molecule)[0]]
 
 
 def main() -> None:
@@ -57,14 +49,14 @@ def main() -> None:
     result = finetune(args.base, data, FIDELITY, setting_overrides={"epochs": args.epochs, "max_minutes": args.max_minutes},
                       log=lambda *a: print(*a, flush=True))
     minutes = (time.perf_counter() - start) / 60
-    out = save_finetuned(result, args.out)
+    save_finetuned(result, args.out)
     record = {
         "base": args.base, "target_held_out": args.target, "molecules": others, "per_molecule": args.per_molecule,
         "frames": len(data), "fidelity": FIDELITY, "minutes": round(minutes, 1),
         "epochs_run": result.report.get("epochs_run"), "best_epoch": result.report.get("best_epoch"),
         "settings": result.report.get("settings"), "command": "python benchmarks/rmd17_family_base.py " + " ".join(sys.argv[1:]),
     }
-    (Path(out).parent if Path(out).suffix else Path(out)).joinpath("family_base.json").write_text(json.dumps(record, indent=1))
+    (Path(args.out) / "family_base.json").write_text(json.dumps(record, indent=1))
     print(json.dumps({k: v for k, v in record.items() if k != "settings"}, indent=1))
 
 

@@ -145,7 +145,6 @@ def test_a_process_that_ends_while_compiling_waits_and_exits_cleanly(tiny_model,
         assert "waiting for it to finish before exiting" in out.stderr
 
 
-
 def test_compiling_a_model_lifts_dynamos_recompile_limit(forcefield_factory):
     """Every model compiled in a process is a recompile of the same inner function; at dynamo's
     default limit (8) the 9th would silently run eagerly (pareto.py: 4.5 -> 19.9 ms/step)."""
