@@ -24,7 +24,7 @@ from .training import TrainSettings, evaluate, refit_reference, to_graphs, train
 STRATEGIES = {
     # which weights move (parameter-name prefixes of ForceField)
     "embedding": ["model.fidelity_embedding"],
-    "readout": ["model.fidelity_embedding", "model.film", "model.readout"],
+    "readout": ["model.fidelity_embedding", "model.film", "model.readout", "model.layer_readout"],
     "full": [""],
 }
 

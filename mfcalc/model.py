@@ -19,7 +19,8 @@ vector r̂ (r̂, r̂r̂ᵀ - I/3) and the neighbour's features, each scaled by a
 the body order (issue 15; off in the default config and in every model file written before
 them): ``edge_scalars`` lets the neighbour's vectors and tensors reach the scalar message along
 the bond (v_j · r̂, r̂ᵀ t_j r̂), and ``node_products`` multiplies an atom's vector and tensor
-channels in the update (w·T·w, T·w, sym0(u ⊗ w)).
+channels in the update (w·T·w, T·w, sym0(u ⊗ w)). ``layer_readouts`` adds a linear energy
+readout of every earlier layer's scalars (MACE's sum of per-layer readouts).
 
 One network, two layouts of the pairs (``Pairs``): a pair list (E pairs, gathered with
 ``index_select`` and summed with ``index_add``; any structure, periodic or not, and flat
@@ -92,6 +93,12 @@ def default_config(elements: List[int], fidelities: List[str], size: str = "smal
         # per-atom products of the vector and tensor channels in every update (max_l = 2): the
         # invariant w·T·w, the vector T·w and the tensor sym0(u ⊗ w) (higher body order per layer)
         "node_products": False,
+        # a linear energy readout of every layer's scalars but the last, added to the last
+        # layer's MLP readout (MACE's E_i = sum over layers of readout_t(h_i^t)): the low body
+        # order features of the first layers reach the energy directly. rMD17 N = 50, accurate
+        # network with 32 features: ethanol 40.5 meV/Å (40.8 without), toluene 24.2 (20.6
+        # without): no gain, off everywhere
+        "layer_readouts": False,
         # learned part's pair distance clamped below this x (sum of covalent radii); 0: no core
         "core_radius_factor": 0.6,
         # ZBL repulsion: zero above core_switch_factor x (sum of covalent radii), full below
@@ -127,7 +134,7 @@ def default_config(elements: List[int], fidelities: List[str], size: str = "smal
 
 # Model files written before an option existed read it with the behaviour they were trained with.
 LEGACY_DEFAULTS = {"filter_envelope": False, "radial_mlp": 0, "max_l": 1, "edge_scalars": False,
-                   "node_products": False, "core_radius_factor": 0.0,
+                   "node_products": False, "layer_readouts": False, "core_radius_factor": 0.0,
                    "core_switch_factor": 0.0, "core_inner_factor": 0.0, "core_clamp_width": 0.1,
                    "core_pair_radius": {}}
 
@@ -465,6 +472,10 @@ class MultiFidelityPaiNN(nn.Module):
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
         self.readout = nn.Sequential(nn.Linear(f + d, f // 2), nn.SiLU(), nn.Linear(f // 2, 1))
+        # layer_readouts: one linear map of the scalars of layers 1..L-1, concatenated (the sum
+        # of one linear readout per layer); no parameters without the option
+        self.use_layer_readouts = bool(config["layer_readouts"]) and n_layers > 1
+        self.layer_readout = nn.Linear((n_layers - 1) * f, 1, bias=False) if self.use_layer_readouts else nn.Identity()
         # energy normalisation, set from data before training (mfcalc.training.fit_reference)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("e0", torch.zeros(n_fidelities, n_elements))
@@ -542,13 +553,18 @@ class MultiFidelityPaiNN(nn.Module):
             t = torch.zeros((0,), dtype=s.dtype, device=s.device)
         film = torch.chunk(self.film(f), 2 * self.n_layers, dim=-1)
         layer = 0
+        hidden: List[Tensor] = []
         for interaction, update in zip(self.interactions, self.updates):
             s, v, t = interaction(s, v, t, pairs, basis, unit, envelope, layer == 0)
             s, v, t = update(s, v, t)
             if self.use_film:
                 s = s * (1.0 + film[2 * layer]) + film[2 * layer + 1]
             layer += 1
+            if self.use_layer_readouts and layer < self.n_layers:
+                hidden.append(s)
         out = self.readout(torch.cat([s, f], dim=-1)).squeeze(-1)
+        if self.use_layer_readouts:
+            out = out + self.layer_readout(torch.cat(hidden, dim=-1)).squeeze(-1)
         energies = out * self.scale + self.e0[fidelity, species]
         if use_core:
             core = self.covalent_radius[species_i] + self.covalent_radius[species_j]

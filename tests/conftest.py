@@ -23,9 +23,11 @@ ALIASES = {"HI": "high", "LO": "low"}
 
 # the networks the physics tests run on: PaiNN (l = 1, linear filters), the shipped models'
 # network (l = 2 tensors, radial MLP filters) and that network with the many-body options (scalar
-# messages from the neighbours' vectors and tensors, per-atom products), all small
+# messages from the neighbours' vectors and tensors, per-atom products) and a linear energy readout
+# of every layer, all small
 NETWORKS = {"l1": {}, "l2": {"max_l": 2, "radial_mlp": 8},
-            "l2-products": {"max_l": 2, "radial_mlp": 8, "edge_scalars": True, "node_products": True}}
+            "l2-products": {"max_l": 2, "radial_mlp": 8, "edge_scalars": True, "node_products": True,
+                            "layer_readouts": True}}
 
 
 def make_forcefield(seed: int = 0, mode: str = "film", dtype=torch.float64, network: str = "l1"):

@@ -176,3 +176,45 @@ def test_named_sizes_set_their_options_and_overrides_win():
     with pytest.raises(ValueError, match="unknown network size 'huge'; known: \\['accurate', 'small'\\]"):
         default_config([1, 6], ["x"], size="huge")
 
+
+
+def test_layer_readouts_add_a_linear_map_of_each_earlier_layers_scalars():
+    """E_i = MLP(s_i^L) + sum_t w_t · s_i^t (t < L): with the option, the energy is the plain
+    network's plus one linear readout per earlier layer, computed here from hooks on the updates."""
+    from mfcalc.model import default_config
+    from mfcalc.modelfile import build_forcefield
+
+    options = dict(features=8, layers=3, radial_basis=6, fidelity_dim=4, cutoff=4.0, max_l=2, radial_mlp=8)
+    torch.manual_seed(0)
+    plain = build_forcefield(default_config([1, 6, 8], ["a", "b"], **options)).double().model
+    with_readouts = build_forcefield(default_config([1, 6, 8], ["a", "b"], layer_readouts=True, **options)).double().model
+    missing, unexpected = with_readouts.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["layer_readout.weight"] and unexpected == []
+    assert with_readouts.layer_readout.weight.shape == (1, 2 * 8)
+    with torch.no_grad():
+        plain.film.weight.normal_(0, 0.3)
+        with_readouts.film.weight.copy_(plain.film.weight)
+        with_readouts.layer_readout.weight.normal_()
+
+    g = torch.Generator().manual_seed(3)
+    positions = 1.3 * torch.randn(7, 3, generator=g, dtype=torch.float64)
+    species = torch.tensor([0, 1, 1, 2, 0, 0, 1])
+    fidelity = torch.tensor([1] * 7)
+    i, j = torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")
+    keep = (i != j) & ((positions[j] - positions[i]).norm(dim=-1) < 4.0)
+    edges = torch.stack([i[keep], j[keep]])
+    vectors = positions[edges[1]] - positions[edges[0]]
+
+    scalars = []  # s after each layer's update, before FiLM: FiLM is applied here as the model does
+    hooks = [u.register_forward_hook(lambda m, a, out: scalars.append(out[0])) for u in plain.updates]
+    e_plain = plain(species, edges, vectors, fidelity)
+    for h in hooks:
+        h.remove()
+    film = torch.chunk(plain.film(plain.fidelity_embedding(fidelity)), 6, dim=-1)
+    filmed = [s * (1 + film[2 * k]) + film[2 * k + 1] for k, s in enumerate(scalars[:2])]
+    linear = torch.cat(filmed, dim=-1) @ with_readouts.layer_readout.weight.t()
+    expected = e_plain + linear.squeeze(-1) * plain.scale
+    torch.testing.assert_close(with_readouts(species, edges, vectors, fidelity), expected, atol=1e-10, rtol=0)
+    # the dense layout runs the same network
+    dense, _ = with_readouts.dense_energies(species.unsqueeze(0), positions.unsqueeze(0), fidelity[:1])
+    torch.testing.assert_close(dense[0], expected, atol=1e-10, rtol=0)
