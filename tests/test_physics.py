@@ -40,7 +40,7 @@ def test_stress_is_finite_strain_derivative(network_model, silicon_small_cell, p
     stress = atoms.get_stress(voigt=False)
     # h = 1e-5: energies are ~1e4 eV, float64 round-off in the difference is ~1e-12 relative
     numeric = numeric_stress(atoms, calc, h=1e-5)
-    assert np.abs(stress).max() > 1e-4
+    assert np.abs(stress).max() > 1e-5  # the test means something: 1000x its tolerance
     np.testing.assert_allclose(stress, numeric, atol=1e-8)
     np.testing.assert_allclose(stress, stress.T, atol=1e-12)
 
