@@ -38,6 +38,8 @@ SIZES = {
     "mfcalc accurate (l=2 + radial MLP, 8 radial functions; ethanol-mf v6, chno-mf v5)": (
         NETWORK_SIZES["accurate"], ["ew1-rmlp64-l2-rb8", "ew1-lr5e-3-rmlp64-l2-rb8"]),
     "mfcalc accurate, 32 features": ({**NETWORK_SIZES["accurate"], "features": 32}, ["accurate-f32"]),
+    "mfcalc manybody (accurate, 32 features, edge_scalars + node_products)": (
+        NETWORK_SIZES["manybody"], ["accurate-f32-es-np"]),
 }
 MOLECULES = ("ethanol", "benzene", "naphthalene", "salicylic", "toluene", "uracil")
 MACE_N50 = {m: PUBLISHED[m][50]["MACE"][1] for m in MOLECULES}  # forces MAE meV/Å

@@ -2,7 +2,7 @@
 split, test on the full test split; energy and forces MAE per molecule, next to the published
 MACE and NequIP numbers (Batatia et al. 2022, Table 2 / low-data table).
 
-    python benchmarks/rmd17.py --molecules benzene ethanol --n 50 [--n 1000] [--model-size small|accurate]
+    python benchmarks/rmd17.py --molecules benzene ethanol --n 50 [--n 1000] [--model-size small|accurate|manybody]
         [--epochs auto] [--results benchmarks/results/rmd17] [--tag NAME] [--save-models DIR]
     python benchmarks/rmd17.py --molecules benzene --n 50 --committee DIR/a.pt DIR/b.pt --tag NAME
 

@@ -23,8 +23,9 @@ keeps a random N of them, ``rest`` or no ``train`` keeps all)::
       - {path: ../data/chno/xtb_gfn2.npz, format: frames-npz, fidelity: GFN2-xTB, split_by: name}
 
 ``model:`` takes any option of mfcalc.model.default_config, and ``size``, a named network
-(mfcalc.model.SIZES): ``small`` (the default: l <= 1, fastest) or ``accurate`` (rank-2 tensors, a
-radial MLP, 8 radial functions: the shipped models' network), e.g. ``model: {size: accurate}``.
+(mfcalc.model.SIZES): ``small`` (the default: l <= 1, fastest), ``accurate`` (rank-2 tensors, a
+radial MLP, 8 radial functions: the shipped models' network) or ``manybody`` (``accurate`` at 32
+features with the many-body options: the lowest errors per data point), e.g. ``model: {size: accurate}``.
 
 ``model: {core_pair_radius: auto}`` clamps each element pair's learned distance just inside the
 closest pair of that kind in the training frames (mfcalc.domain.pair_clamp_from_data); the radii

@@ -173,7 +173,10 @@ def test_named_sizes_set_their_options_and_overrides_win():
     assert {k: v for k, v in accurate.items() if k not in SIZES["accurate"]} == \
         {k: v for k, v in small.items() if k not in SIZES["accurate"]}
     assert default_config([1, 6], ["x"], size="accurate", radial_basis=12)["radial_basis"] == 12
-    with pytest.raises(ValueError, match="unknown network size 'huge'; known: \\['accurate', 'small'\\]"):
+    manybody = default_config([1, 6], ["x"], size="manybody")
+    assert {k: manybody[k] for k in SIZES["accurate"]} == SIZES["accurate"]
+    assert (manybody["features"], manybody["edge_scalars"], manybody["node_products"]) == (32, True, True)
+    with pytest.raises(ValueError, match="unknown network size 'huge'; known: \\['accurate', 'manybody', 'small'\\]"):
         default_config([1, 6], ["x"], size="huge")
 
 
