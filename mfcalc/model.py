@@ -59,8 +59,9 @@ FIDELITY_MODES = ("readout", "film")
 #            at N = 50, about half the speed of "small" (still > 10x MACE-OFF small on ethanol).
 #   "manybody": "accurate" with 32 features and both many-body options (edge_scalars,
 #            node_products; 141k parameters): the lowest rMD17 errors per data point measured
-#            here (1.16-1.85x MACE at N = 50, 7-9% below "accurate" on every molecule run with
-#            both), not yet the network of a shipped model.
+#            here (1.22-1.85x MACE at N = 50, one seed each but ethanol's two; 5-12% below
+#            "accurate" on ethanol, uracil, toluene, naphthalene and salicylic acid, 11% above on
+#            benzene), not yet a shipped network.
 SIZES: Dict[str, Dict[str, Any]] = {
     "small": {},
     "accurate": {"max_l": 2, "radial_mlp": 64, "radial_basis": 8},
