@@ -62,11 +62,11 @@ FIDELITY_MODES = ("readout", "film")
 #            here (1.22-1.85x MACE at N = 50, one seed each but ethanol's two; 5-12% below
 #            "accurate" on ethanol, uracil, toluene, naphthalene and salicylic acid, 11% above on
 #            benzene), not yet a shipped network.
+_ACCURATE = {"max_l": 2, "radial_mlp": 64, "radial_basis": 8}
 SIZES: Dict[str, Dict[str, Any]] = {
     "small": {},
-    "accurate": {"max_l": 2, "radial_mlp": 64, "radial_basis": 8},
-    "manybody": {"max_l": 2, "radial_mlp": 64, "radial_basis": 8, "features": 32,
-                 "edge_scalars": True, "node_products": True},
+    "accurate": _ACCURATE,
+    "manybody": {**_ACCURATE, "features": 32, "edge_scalars": True, "node_products": True},
 }
 
 
@@ -442,6 +442,9 @@ def smooth_step(x: Tensor) -> Tensor:
 
 class MultiFidelityPaiNN(nn.Module):
     """Atomic energies from species, pairs and pair vectors, at each atom's fidelity."""
+
+    # a constant of the scripted graph: without the option its branches are compiled away
+    use_layer_readouts: Final[bool]
 
     def __init__(self, config: Dict[str, Any]):
         super().__init__()

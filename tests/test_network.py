@@ -180,7 +180,6 @@ def test_named_sizes_set_their_options_and_overrides_win():
         default_config([1, 6], ["x"], size="huge")
 
 
-
 def test_layer_readouts_add_a_linear_map_of_each_earlier_layers_scalars():
     """E_i = MLP(s_i^L) + sum_t w_t · s_i^t (t < L): with the option, the energy is the plain
     network's plus one linear readout per earlier layer, computed here from hooks on the updates."""
