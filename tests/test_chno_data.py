@@ -63,6 +63,9 @@ def test_label_inputs_are_nested_picks():
     assert keys("pick2_heavy4.extxyz") <= pbe_input and keys("pick2_heavy4.extxyz") <= pick3_all
     assert {k for k in pick3_all if k[0] in {n for n, _ in pbe_input}} <= pbe_input
     assert len(pick3_all) == 3 * len(MOLECULES)
+    # the extra MP2-gradient pick (pick_extra.py) draws frames the other picks do not hold
+    extra = keys("pick4extra_heavy0-4_rounds.extxyz")
+    assert len(extra) == 280 and not extra & (pick3_all | pbe_input)
 
 
 @pytest.mark.parametrize("pattern", ["pbe_def2svp-*.extxyz", "ccsdt_ccpvdz-*.extxyz", "ccsdt_ccpvdz_forces-*.extxyz",
