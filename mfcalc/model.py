@@ -59,9 +59,8 @@ FIDELITY_MODES = ("readout", "film")
 #            at N = 50, about half the speed of "small" (still > 10x MACE-OFF small on ethanol).
 #   "manybody": "accurate" with 32 features and both many-body options (edge_scalars,
 #            node_products; 141k parameters): the lowest rMD17 errors per data point measured
-#            here (1.22-1.85x MACE at N = 50, one seed each but ethanol's two; 5-12% below
-#            "accurate" on ethanol, uracil, toluene, naphthalene and salicylic acid, 11% above on
-#            benzene), not yet a shipped network.
+#            here (1.22-1.85x MACE at N = 50; 5-13% below "accurate" on ethanol, uracil, toluene,
+#            naphthalene and salicylic acid, 11% above on benzene); the network of chno-mf v6.
 _ACCURATE = {"max_l": 2, "radial_mlp": 64, "radial_basis": 8}
 SIZES: Dict[str, Dict[str, Any]] = {
     "small": {},

@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 
 def pool_frames(path: Path):
     """Yield (info, Atoms) for every frame of the xTB pool, positions in Å."""
-    z = np.load(path)
+    with np.load(path) as npz:  # every array read once: NpzFile reads an array on each access
+        z = {key: npz[key] for key in npz.files}
     start = np.concatenate([[0], np.cumsum(z["n_atoms"])])
     for i in range(len(z["n_atoms"])):
         sl = slice(start[i], start[i + 1])
