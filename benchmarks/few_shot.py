@@ -74,6 +74,8 @@ def main():
     parser.add_argument("--joint-strategies", nargs="+", default=["embedding", "readout", "full"],
                         choices=["embedding", "readout", "full"], help="strategies run on the joint base")
     parser.add_argument("--no-drift", action="store_true", help="skip the forgetting (drift) table")
+    parser.add_argument("--save", metavar="DIR", help="also write each fine-tuned model to DIR/<molecule>-<n>-<fold>-"
+                        "<base>-<strategy>.pt (for benchmarks/smoothness.py)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp())
@@ -96,6 +98,9 @@ def main():
             result = finetune(bases[base], train_set, fidelity, new_fidelity=True, strategy=strategy,
                               settings=settings, val_fraction=0.2, log=lambda *a: None)
             ff = result.forcefield
+            if args.save:
+                Path(args.save).mkdir(parents=True, exist_ok=True)
+                export_model(ff, Path(args.save) / f"{molecule}-{n}-{fold}-{base}-{strategy}.pt", result.metadata)
             errors = evaluate(ff, to_graphs(test_set, ff.fidelities, ff.cutoff), ff.fidelities)[fidelity]
             row = {"molecule": molecule, "n": n, "fold": fold, "base": base, "strategy": strategy,
                    "forces_mae": errors["forces_mae"], "energy_mae": errors["energy_mae"], "test": len(test_set)}

@@ -28,9 +28,11 @@ STRETCH, COMPRESS, CONTACT = 1.5, 0.7, 0.8
 
 def run_stability(picoseconds: float = 100.0, temperature: float = 500.0, seed: int = 0,
                   timestep_fs: float = 0.5, dtype: str = "float32", model: str = "ethanol-mf",
-                  compile=None, name: str = "CH3CH2OH") -> dict:
-    atoms = molecule(name)
-    atoms.calc = MFCalculator(model, fidelity="CCSD(T)", dtype=dtype, compile=compile)
+                  compile=None, name: str = "CH3CH2OH", atoms=None, fidelity: str = "CCSD(T)") -> dict:
+    """Langevin NVT of ``atoms`` (default: ase.build.molecule(name)) at ``fidelity``; the worst bond
+    stretch and compression and the closest non-bonded pair seen, and when a bond first broke."""
+    atoms = molecule(name) if atoms is None else atoms.copy()
+    atoms.calc = MFCalculator(model, fidelity=fidelity, dtype=dtype, compile=compile)
     i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.1))
     bonds = np.array([(a, b) for a, b in zip(i, j) if a < b])
     length0 = atoms.get_distances(bonds[:, 0], bonds[:, 1])
