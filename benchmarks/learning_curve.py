@@ -44,7 +44,8 @@ def scratch_options(base: str) -> dict:
     from mfcalc.modelfile import read_metadata, resolve_model_path
 
     config = read_metadata(resolve_model_path(base))["config"]
-    keys = ("features", "layers", "radial_basis", "cutoff", "radial_mlp", "max_l", "fidelity_dim", "fidelity_mode")
+    keys = ("features", "layers", "radial_basis", "cutoff", "radial_mlp", "max_l", "fidelity_dim", "fidelity_mode",
+            "edge_scalars", "node_products", "layer_readouts", "filter_envelope")  # every network option
     return {k: config[k] for k in keys if k in config}
 
 

@@ -209,6 +209,7 @@ def run_recipe(
     ]
     card = {
         "recipe": str(recipe_path.name),
+        "overrides": dict(overrides or {}),  # `mfcalc train` flags over the recipe's training block
         "mfcalc_version": __version__,
         "torch_version": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -307,6 +308,12 @@ def molecule_table(rows: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def reproduce_command(card: Dict[str, Any]) -> str:
+    """The `mfcalc train` line that made a card's model, with the flags that overrode the recipe."""
+    flags = "".join(f" --{key.replace('_', '-')} {value}" for key, value in card.get("overrides", {}).items())
+    return f"mfcalc train recipes/{card['recipe']}{flags}"
+
+
 def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> str:
     """A model card: data and splits, how it was trained, per-fidelity test errors."""
     lines = [
@@ -316,7 +323,7 @@ def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> st
         f"{card['machine']} in {card['training_minutes']:.1f} min "
         f"({card['epochs_run']} epochs, best validation at epoch {card['best_epoch']}), {card['date']}.",
         "",
-        f"Reproduce: `mfcalc train recipes/{card['recipe']}`",
+        f"Reproduce: `{reproduce_command(card)}`",
         "",
         "## Data (fidelity = level of theory); splits are random with the seed shown",
         "",

@@ -115,6 +115,15 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert a == b
     log = (tmp_path / "part" / "log.csv").read_text().splitlines()
     assert log[0].startswith("epoch,minutes,lr") and len(log) == 5
+    assert "Reproduce: `mfcalc train recipes/smoke.yaml`" in (tmp_path / "full" / "README.md").read_text()
+
+
+def test_the_card_says_which_flags_overrode_the_recipe():
+    from mfcalc.recipe import reproduce_command
+
+    card = {"recipe": "chno-mf.yaml", "overrides": {"epochs": 6, "meta": "reptile", "steps_per_epoch": 300}}
+    assert reproduce_command(card) == "mfcalc train recipes/chno-mf.yaml --epochs 6 --meta reptile --steps-per-epoch 300"
+    assert reproduce_command({"recipe": "old.yaml"}) == "mfcalc train recipes/old.yaml"  # cards written before
 
 
 def test_torchrun_two_processes_hold_identical_weights(tmp_path):
