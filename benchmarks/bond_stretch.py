@@ -25,13 +25,14 @@ def stretched(atoms, h: int, partner: int, length: float):
 
 
 def hydrogens_by_bond(atoms):
-    """{"C-H": [(h, partner), ...], "O-H": [...]}: each H with its nearest heavy atom."""
+    """{"C-H": [(h, partner), ...], "O-H": [...], ...}: each H with its nearest heavy atom, by
+    that atom's element."""
     symbols = atoms.get_chemical_symbols()
     d = atoms.get_all_distances()
-    bonds = {"C-H": [], "O-H": []}
+    bonds = {}
     for h in (i for i, s in enumerate(symbols) if s == "H"):
         partner = min((i for i, s in enumerate(symbols) if s != "H"), key=lambda i: d[h, i])
-        bonds[f"{symbols[partner]}-H"].append((h, partner))
+        bonds.setdefault(f"{symbols[partner]}-H", []).append((h, partner))
     return bonds
 
 

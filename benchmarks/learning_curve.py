@@ -44,9 +44,9 @@ def scratch_options(base: str) -> dict:
     from mfcalc.modelfile import read_metadata, resolve_model_path
 
     config = read_metadata(resolve_model_path(base))["config"]
-    keys = ("features", "layers", "radial_basis", "cutoff", "radial_mlp", "max_l", "fidelity_dim", "fidelity_mode",
-            "edge_scalars", "node_products", "layer_readouts", "filter_envelope")  # every network option
-    return {k: config[k] for k in keys if k in config}
+    # every network option; not the data's elements and fidelities, nor the short-range core that
+    # models/tools/ship.py sets when a model is shipped
+    return {k: v for k, v in config.items() if k not in ("elements", "fidelities") and not k.startswith("core_")}
 
 
 def run(args) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 from ase.build import molecule
 from ase.io import read
 
+from bond_stretch import energy_scan, hydrogens_by_bond
 from md_stability import run_stability
 from mfcalc import MFCalculator
 
@@ -41,25 +42,7 @@ def load_structure(spec: str):
 
 def scanned_bonds(atoms):
     """[(label, h, partner)]: the first H bonded (nearest heavy atom) to each heavy element."""
-    symbols = atoms.get_chemical_symbols()
-    d = atoms.get_all_distances()
-    heavy = [i for i, s in enumerate(symbols) if s != "H"]
-    bonds = {}
-    for h in (i for i, s in enumerate(symbols) if s == "H"):
-        partner = min(heavy, key=lambda i: d[h, i])
-        bonds.setdefault(f"{symbols[partner]}-H", (h, partner))
-    return [(label, h, partner) for label, (h, partner) in sorted(bonds.items())]
-
-
-def bond_scan(atoms, calc, h: int, partner: int) -> np.ndarray:
-    energies = []
-    for r in SCAN:
-        moved = atoms.copy()
-        bond = moved.positions[h] - moved.positions[partner]
-        moved.positions[h] = moved.positions[partner] + bond / np.linalg.norm(bond) * r
-        moved.calc = calc
-        energies.append(moved.get_potential_energy())
-    return np.array(energies)
+    return [(label, *pairs[0]) for label, pairs in sorted(hydrogens_by_bond(atoms).items())]
 
 
 def extrema(energies: np.ndarray, turn: float = TURN) -> int:
@@ -105,7 +88,7 @@ def main():
     for name, path in models.items():
         calc = MFCalculator(path, fidelity=args.fidelity, dtype="float64", device="cpu")
         for label, h, partner in bonds:
-            row = {"model": name, "kind": "scan", "bond": label, **scan_metrics(bond_scan(atoms, calc, h, partner))}
+            row = {"model": name, "kind": "scan", "bond": label, **scan_metrics(energy_scan(atoms, calc, h, partner, SCAN))}
             rows.append(row)
             print(row, flush=True)
         for seed in args.seeds:
