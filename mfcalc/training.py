@@ -270,6 +270,9 @@ class TrainSettings:
     seed: int = 0
     dtype: str = "float32"
     grad_clip: float = 10.0
+    # a step whose loss or gradient is not finite (an overflow on one batch) is skipped instead of
+    # turning every weight into NaN; this many in a row end the training with TrainingDiverged
+    max_nonfinite_steps: int = 50
     # meta-learning: "reptile" treats every fidelity as a task (inner Adam steps on one task,
     # outer step of size outer_lr towards the adapted weights, annealed with the cosine schedule)
     meta: str = "none"
@@ -319,14 +322,14 @@ def _reptile_step(forcefield, graphs, task_members, rng, settings, lr_factor, fi
     task = tasks[rng.integers(len(tasks))]
     start = [p.detach().clone() for p in parameters]
     inner = torch.optim.Adam(parameters, lr=settings.inner_lr)
+    finite = True
     for _ in range(settings.inner_steps):
         picks = rng.choice(task_members[task], size=settings.batch_size)
         batch = collate([graphs[i] for i in picks], dtype)
         out, e_loss, f_loss, loss = _batch_loss(forcefield, batch, fid_weight, settings, dtype)
         inner.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-        inner.step()
+        finite = _finite_step(inner, parameters, settings.grad_clip) and finite
     with torch.no_grad():
         deltas = [p - p0 for p, p0 in zip(parameters, start)]
         if world > 1:
@@ -336,7 +339,7 @@ def _reptile_step(forcefield, graphs, task_members, rng, settings, lr_factor, fi
             deltas = list(torch.split(flat, [d.numel() for d in deltas]))
         for p, p0, d in zip(parameters, start, deltas):
             p.copy_(p0 + settings.outer_lr * lr_factor * d.view_as(p0))
-    return out, batch, e_loss, f_loss
+    return out, batch, e_loss, f_loss, finite
 
 
 def distributed_rank_world() -> Tuple[int, int]:
@@ -414,16 +417,55 @@ def validation_score(metrics: Dict[str, Dict[str, float]], settings: "TrainSetti
     )
 
 
+def check_finite_labels(structures: Sequence[Structure], what: str) -> None:
+    """Refuse structures whose positions, energy or forces hold NaN or inf: one of them would make
+    the fitted reference energies, and then every weight, NaN."""
+    bad = []
+    for k, s in enumerate(structures):
+        parts = [name for name, value in (("positions", s.positions), ("energy", s.energy), ("forces", s.forces))
+                 if value is not None and not np.isfinite(value).all()]
+        if parts:
+            bad.append(f"#{k} ({s.fidelity}{', ' + s.group if s.group else ''}: {' and '.join(parts)})")
+    if bad:
+        raise ValueError(f"{len(bad)} {what} structure(s) have non-finite (NaN or inf) values: {', '.join(bad[:5])}"
+                         + (" ..." if len(bad) > 5 else "") + "; remove those frames or fix their labels")
+
+
+def batch_summary(batch: Dict[str, torch.Tensor], fidelities: Sequence[str]) -> str:
+    """What a batch held, for a message: size, fidelities, atoms per structure, largest labels."""
+    counts = torch.bincount(batch["batch"]).tolist()
+    names = sorted({fidelities[int(i)] for i in batch["fidelity"]})
+    text = (f"a batch of {len(counts)} structures ({', '.join(names)}; {min(counts)}-{max(counts)} atoms; "
+            f"energy labels {float(batch['energy'].min()):.6g} to {float(batch['energy'].max()):.6g} eV")
+    if bool(batch["has_forces"].any()):
+        text += f"; largest force label {float(batch['forces'][batch['has_forces']].abs().max()):.3g} eV/Å"
+    return text + ")"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stayed non-finite for ``max_nonfinite_steps`` steps in a row."""
+
+
+def _finite_step(optimizer, parameters, grad_clip: float) -> bool:
+    """Clip the gradients and step, unless their norm is not finite (NaN or inf anywhere: clipping
+    an infinite norm multiplies inf by 0 and writes NaN into every weight). Returns whether it stepped."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    if not bool(torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
 def _sgd_step(forcefield, batch, fid_weight, settings, dtype, optimizer, parameters, world):
-    """One optimiser step on ``batch`` (gradients averaged across ranks, clipped)."""
+    """One optimiser step on ``batch`` (gradients averaged across ranks, clipped); skipped when the
+    gradients are not finite. Returns (out, energy loss, forces loss, whether it stepped)."""
     out, e_loss, f_loss, loss = _batch_loss(forcefield, batch, fid_weight, settings, dtype)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if world > 1:
+    if world > 1:  # every rank then holds the same averaged gradients, so all skip alike
         _average_gradients(parameters, world)
-    torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-    optimizer.step()
-    return out, e_loss, f_loss
+    return out, e_loss, f_loss, _finite_step(optimizer, parameters, settings.grad_clip)
 
 
 def _save_state(path: Path, forcefield, ema, optimizer, best, history, step: int, epoch: int, minutes: float) -> None:
@@ -469,6 +511,8 @@ def train(
     sampling across fidelities.
     """
     rank, world = distributed_rank_world()
+    check_finite_labels(train_set, "training")
+    check_finite_labels(val_set, "validation")
     torch.manual_seed(settings.seed)
     dtype = getattr(torch, settings.dtype)
     fidelities = list(forcefield.fidelities)
@@ -524,6 +568,7 @@ def train(
         best["score"] = validation_score(evaluate(ema, val_graphs, fidelities), settings)
     start = time.perf_counter() - 60 * elapsed_before
     lr_factor = 1.0
+    nonfinite_run = 0  # non-finite steps in a row
     for epoch in range(first_epoch, settings.epochs):
         forcefield.train()
         # batches depend on (seed, rank, epoch) only: a resumed run draws what the first would have
@@ -532,6 +577,7 @@ def train(
         if loss_settings is not settings and rank == 0 and epoch == max(first_epoch, final_stage_start(settings)):
             log(f"last stage from epoch {epoch}: energy weight {settings.energy_weight:g} -> {loss_settings.energy_weight:g}")
         running = {"energy": 0.0, "forces": 0.0}
+        skipped = 0
         f_abs = np.zeros(len(fidelities))
         f_count = np.zeros(len(fidelities))
         for k in range(settings.steps_per_epoch):
@@ -539,15 +585,32 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * lr_factor
             if settings.meta == "reptile":
-                out, batch, e_loss, f_loss = _reptile_step(
+                out, batch, e_loss, f_loss, stepped = _reptile_step(
                     forcefield, train_graphs, task_members, rng, loss_settings, lr_factor, fid_weight, dtype,
                     parameters, world,
                 )
             else:
                 picks = rng.choice(len(train_graphs), size=settings.batch_size, p=probabilities)
                 batch = collate([train_graphs[i] for i in picks], dtype)
-                out, e_loss, f_loss = _sgd_step(forcefield, batch, fid_weight, loss_settings, dtype, optimizer,
-                                                parameters, world)
+                out, e_loss, f_loss, stepped = _sgd_step(forcefield, batch, fid_weight, loss_settings, dtype,
+                                                         optimizer, parameters, world)
+            step += 1
+            if not stepped:
+                skipped += 1
+                nonfinite_run += 1
+                if skipped == 1 and rank == 0:
+                    log(f"epoch {epoch} step {k}: loss or gradients not finite on {batch_summary(batch, fidelities)}; "
+                        "step skipped (the weights are unchanged)")
+                if nonfinite_run >= settings.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"training diverged: the loss or its gradients were not finite for {nonfinite_run} steps in "
+                        f"a row (epoch {epoch}, step {k}, learning rate {settings.lr * lr_factor:.2e}; last batch: "
+                        f"{batch_summary(batch, fidelities)}). Lower the learning rate (lr) or grad_clip "
+                        f"({settings.grad_clip:g}), train in float64 (dtype), or look for frames with extreme "
+                        "energies or forces in the data; the state of the last finished epoch is in "
+                        "train_state.pt of the output directory")
+                continue
+            nonfinite_run = 0
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), forcefield.parameters()):
                     p_ema.lerp_(p, 1 - settings.ema_decay)
@@ -558,7 +621,6 @@ def train(
                 f_count += torch.bincount(atom_fid[has], minlength=len(fidelities)).numpy()
             running["energy"] += float(e_loss.detach())
             running["forces"] += float(f_loss.detach())
-            step += 1
             if k % 10 == 0 and rank == 0:
                 live = " ".join(
                     f"{name}: {1000 * f_abs[i] / f_count[i]:.0f}" for i, name in enumerate(fidelities) if f_count[i]
@@ -571,8 +633,9 @@ def train(
         train_f_mae = {name: float(f_abs[i] / f_count[i]) for i, name in enumerate(fidelities) if f_count[i]}
         record = {
             "epoch": epoch, "minutes": minutes, "lr": settings.lr * lr_factor, "score": score,
-            "train_energy_loss": running["energy"] / settings.steps_per_epoch,
-            "train_forces_loss": running["forces"] / settings.steps_per_epoch,
+            "train_energy_loss": running["energy"] / max(settings.steps_per_epoch - skipped, 1),
+            "train_forces_loss": running["forces"] / max(settings.steps_per_epoch - skipped, 1),
+            "skipped_steps": skipped,
             "train_forces_mae": train_f_mae, "val": metrics,
         }
         history.append(record)
@@ -596,7 +659,8 @@ def train(
                 for name, m in metrics.items()
             )
             log(f"epoch {epoch:4d} {minutes:6.1f} min lr {settings.lr * lr_factor:.2e} "
-                f"train E {record['train_energy_loss']:.2e} F {record['train_forces_loss']:.2e} | val {summary}")
+                f"train E {record['train_energy_loss']:.2e} F {record['train_forces_loss']:.2e}"
+                + (f" ({skipped} non-finite steps skipped)" if skipped else "") + f" | val {summary}")
             if workdir:
                 _append_csv(Path(workdir) / "log.csv", record, fidelities)
                 _save_state(state_path, forcefield, ema, optimizer, best, history, step, epoch, minutes)

@@ -372,3 +372,71 @@ def test_last_stage_switches_the_energy_weight(forcefield_factory, monkeypatch):
     for record in summary["history"]:  # the score is the validation error with energy weight 1
         m = record["val"]["mid"]
         assert record["score"] == pytest.approx(m["energy_mae_per_atom"] + m["forces_mae"])
+
+
+def test_a_non_finite_step_is_skipped_and_leaves_the_weights_unchanged(forcefield_factory, monkeypatch):
+    """One batch whose loss overflows (NaN) must not write NaN into the weights: the step is skipped,
+    counted in the history and logged; training goes on and ends with finite weights."""
+    import torch
+
+    import mfcalc.training as training
+    from mfcalc.training import TrainSettings, _sgd_step, collate, train
+
+    frames = read_extxyz(DATA / "ethanol_rmd17_pbe_def2svp-train1000.xyz", "mid", index=":6")
+    forcefield = forcefield_factory(seed=0).train()
+    batch = collate(to_graphs(frames[:2], forcefield.fidelities, forcefield.cutoff), torch.float64)
+    forcefield.double()
+    parameters = list(forcefield.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
+    before = [p.detach().clone() for p in parameters]
+    weights = torch.ones(len(forcefield.fidelities), dtype=torch.float64)
+    nan_batch = dict(batch, energy=batch["energy"] * float("nan"))
+    *_, stepped = _sgd_step(forcefield, nan_batch, weights, TrainSettings(), torch.float64, optimizer, parameters, 1)
+    assert not stepped and all(torch.equal(a, b) for a, b in zip(before, parameters))
+    *_, stepped = _sgd_step(forcefield, batch, weights, TrainSettings(), torch.float64, optimizer, parameters, 1)
+    assert stepped and not all(torch.equal(a, b) for a, b in zip(before, parameters))
+
+    calls = []
+    loss_of = training._batch_loss
+
+    def overflow_on_calls_3_and_4(*args):
+        out, e_loss, f_loss, loss = loss_of(*args)
+        calls.append(1)
+        return (out, e_loss, f_loss, loss * float("nan")) if len(calls) in (3, 4) else (out, e_loss, f_loss, loss)
+
+    monkeypatch.setattr(training, "_batch_loss", overflow_on_calls_3_and_4)
+    logged = []
+    settings = TrainSettings(epochs=3, steps_per_epoch=3, batch_size=2, dtype="float64")
+    summary = train(forcefield_factory(seed=0), frames[:4], frames[4:], settings, log=logged.append)
+    assert [r["skipped_steps"] for r in summary["history"]] == [1, 1, 0]
+    assert sum("step skipped" in line for line in logged) == 2
+    assert all(np.isfinite(r["train_forces_loss"]) and np.isfinite(r["score"]) for r in summary["history"])
+
+
+def test_training_that_stays_non_finite_stops_with_what_to_change(forcefield_factory, monkeypatch):
+    import mfcalc.training as training
+    from mfcalc.training import TrainingDiverged, TrainSettings, train
+
+    loss_of = training._batch_loss
+    monkeypatch.setattr(training, "_batch_loss",
+                        lambda *a: (lambda o, e, f, l: (o, e, f, l * float("inf")))(*loss_of(*a)))
+    frames = read_extxyz(DATA / "ethanol_rmd17_pbe_def2svp-train1000.xyz", "mid", index=":6")
+    settings = TrainSettings(epochs=3, steps_per_epoch=4, batch_size=2, dtype="float64", max_nonfinite_steps=6)
+    with pytest.raises(TrainingDiverged, match=r"not finite for 6 steps in a row \(epoch 1, step 1.*a batch of 2 "
+                                               r"structures \(mid; 9-9 atoms.*Lower the learning rate"):
+        train(forcefield_factory(seed=0), frames[:4], frames[4:], settings, log=lambda *a: None)
+
+
+def test_non_finite_labels_are_refused_before_training(forcefield_factory):
+    from dataclasses import replace
+
+    from mfcalc.training import TrainSettings, train
+
+    frames = read_extxyz(DATA / "ethanol_rmd17_pbe_def2svp-train1000.xyz", "mid", index=":6")
+    frames[2] = replace(frames[2], energy=float("nan"))
+    forces = frames[3].forces.copy()
+    forces[0, 0] = np.inf
+    frames[3] = replace(frames[3], forces=forces)
+    with pytest.raises(ValueError, match=r"2 training structure\(s\) have non-finite .*#2 \(mid: energy\), "
+                                         r"#3 \(mid: forces\); remove those frames"):
+        train(forcefield_factory(seed=0), frames[:4], frames[4:], TrainSettings(epochs=1), log=lambda *a: None)
