@@ -322,14 +322,14 @@ def _reptile_step(forcefield, graphs, task_members, rng, settings, lr_factor, fi
     task = tasks[rng.integers(len(tasks))]
     start = [p.detach().clone() for p in parameters]
     inner = torch.optim.Adam(parameters, lr=settings.inner_lr)
-    finite = True
+    stepped = False  # whether any inner step moved the weights (a non-finite one is skipped)
     for _ in range(settings.inner_steps):
         picks = rng.choice(task_members[task], size=settings.batch_size)
         batch = collate([graphs[i] for i in picks], dtype)
         out, e_loss, f_loss, loss = _batch_loss(forcefield, batch, fid_weight, settings, dtype)
         inner.zero_grad(set_to_none=True)
         loss.backward()
-        finite = _finite_step(inner, parameters, settings.grad_clip) and finite
+        stepped = _finite_step(inner, parameters, settings.grad_clip) or stepped
     with torch.no_grad():
         deltas = [p - p0 for p, p0 in zip(parameters, start)]
         if world > 1:
@@ -339,7 +339,7 @@ def _reptile_step(forcefield, graphs, task_members, rng, settings, lr_factor, fi
             deltas = list(torch.split(flat, [d.numel() for d in deltas]))
         for p, p0, d in zip(parameters, start, deltas):
             p.copy_(p0 + settings.outer_lr * lr_factor * d.view_as(p0))
-    return out, batch, e_loss, f_loss, finite
+    return out, batch, e_loss, f_loss, stepped
 
 
 def distributed_rank_world() -> Tuple[int, int]:
