@@ -30,6 +30,13 @@ features with the many-body options: the lowest errors per data point), e.g. ``m
 ``model: {core_pair_radius: auto}`` clamps each element pair's learned distance just inside the
 closest pair of that kind in the training frames (mfcalc.domain.pair_clamp_from_data); the radii
 are written into the model's config.
+
+``start_from: PATH`` (a checkpoint.pt, e.g. a shipped model's) continues training from those weights
+instead of a fresh network: the network and its reference energies are the checkpoint's (a recipe with
+``start_from`` has no ``model:`` block), and the recipe's data must have the checkpoint's fidelities
+and elements. The card records the checkpoint and the checksum of the weights it started from. Use it
+for a second stage at a small constant learning rate whose EMA averages over the stage (``ema_decay``
+close to 1, as in stochastic weight averaging).
 """
 
 import inspect
@@ -168,20 +175,21 @@ def run_recipe(
         generic = default_config(elements, fidelities, **{**model_options, "core_pair_radius": {}})
         model_options["core_pair_radius"] = pair_clamp_from_data(
             splits["train"], float(generic["cutoff"]), float(generic["core_radius_factor"]))
-    config = default_config(elements, fidelities, **model_options)
+    start = starting_point(recipe, root, elements, fidelities)
+    config = start["config"] if start else default_config(elements, fidelities, **model_options)
     known = {f.name for f in fields(TrainSettings)}
     unknown = set(recipe.get("training", {})) - known
     if unknown:
         raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
     settings = TrainSettings(**recipe.get("training", {}))
     torch.manual_seed(settings.seed)
-    forcefield = build_forcefield(config)
+    forcefield = build_forcefield(config, start["state_dict"] if start else None)
     if rank != 0:
         log = lambda *args, **kwargs: None  # noqa: E731 - one voice in the log
     log(f"model: {config}")
     summary = train(
         forcefield, splits["train"], splits["val"], settings, log=log, workdir=out_dir,
-        resume=resume,
+        resume=resume, fit_references=start is None,
     )
     if world > 1:
         sums: List[Any] = [None] * world
@@ -221,6 +229,7 @@ def run_recipe(
         "test_errors_by_dataset": test_by_dataset,
         "test_errors_by_molecule": test_by_molecule,
         "held_out": recipe.get("held_out", {}),
+        **({"start_from": {"path": str(recipe["start_from"]), "checksum": start["checksum"]}} if start else {}),
         "training_data": provenance,
         "aliases": recipe.get("aliases", {}),
         "default_fidelity": recipe.get("default_fidelity", fidelities[-1]),
@@ -230,6 +239,30 @@ def run_recipe(
     write_model_files(out_dir, recipe, forcefield, card, summary["history"], splits["train"])
     log(f"wrote {out_dir / 'model.pt'}")
     return card
+
+
+def starting_point(recipe: Dict[str, Any], root: Path, elements: List[int], fidelities: List[str]):
+    """The recipe's ``start_from`` checkpoint (config, weights and their checksum), checked against
+    the recipe's data; None without ``start_from``."""
+    if not recipe.get("start_from"):
+        return None
+    path = (root / recipe["start_from"]).resolve()
+    if recipe.get("model"):
+        raise ValueError(
+            f"the recipe has both start_from ({recipe['start_from']}) and a model block: training continues "
+            "with the checkpoint's network, so remove `model:` (or remove start_from to train a new network)")
+    payload = load_checkpoint(path)
+    config = payload["config"]
+    if list(config["fidelities"]) != list(fidelities):
+        raise ValueError(
+            f"start_from {path} has the fidelities {config['fidelities']}, the recipe's datasets give "
+            f"{fidelities}: list the datasets so that their fidelities come in the checkpoint's order")
+    missing = sorted(set(elements) - set(config["elements"]))
+    if missing:
+        raise ValueError(f"start_from {path} knows the elements {config['elements']}; the recipe's training "
+                         f"data also has {missing}: start a new network instead")
+    return {"config": config, "state_dict": payload["state_dict"],
+            "checksum": checksum(build_forcefield(config, payload["state_dict"]).double())}
 
 
 def write_model_files(out_dir: Path, recipe: Dict[str, Any], forcefield, card: Dict[str, Any],
@@ -323,7 +356,9 @@ def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> st
         f"{card['machine']} in {card['training_minutes']:.1f} min "
         f"({card['epochs_run']} epochs, best validation at epoch {card['best_epoch']}), {card['date']}.",
         "",
-        f"Reproduce: `{reproduce_command(card)}`",
+        f"Reproduce: `{reproduce_command(card)}`"
+        + (f", after training the checkpoint it starts from, `{card['start_from']['path']}` (weights checksum "
+           f"{card['start_from']['checksum'][:12]})" if card.get("start_from") else ""),
         "",
         "## Data (fidelity = level of theory); splits are random with the seed shown",
         "",

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from mfcalc import MFCalculator, read_metadata
@@ -440,3 +441,45 @@ def test_non_finite_labels_are_refused_before_training(forcefield_factory):
     with pytest.raises(ValueError, match=r"2 training structure\(s\) have non-finite .*#2 \(mid: energy\), "
                                          r"#3 \(mid: forces\); remove those frames"):
         train(forcefield_factory(seed=0), frames[:4], frames[4:], TrainSettings(epochs=1), log=lambda *a: None)
+
+
+def test_start_from_continues_from_a_checkpoint_without_refitting(tmp_path):
+    """``start_from``: the network, weights and reference energies are the checkpoint's. At a learning
+    rate of zero the continued model is the checkpoint itself, and the card names where it started."""
+    first = _smoke_recipe(tmp_path, epochs=1)
+    run_recipe(str(first), output=str(tmp_path / "a"), log=lambda *a: None)
+    recipe = yaml.safe_load(first.read_text())
+    del recipe["model"]
+    recipe["start_from"] = str(tmp_path / "a" / "checkpoint.pt")
+    recipe["training"].update(lr=0.0, seed=3)
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    card = run_recipe(str(path), output=str(tmp_path / "b"), log=lambda *a: None)
+    a, b = read_metadata(tmp_path / "a" / "model.pt"), read_metadata(tmp_path / "b" / "model.pt")
+    assert b["checksum"] == a["checksum"] == card["start_from"]["checksum"]
+    assert card["start_from"]["path"] == recipe["start_from"]
+    assert f"after training the checkpoint it starts from, `{recipe['start_from']}`" in (tmp_path / "b" / "README.md").read_text()
+    # with a learning rate the second stage moves the weights, from the checkpoint's
+    recipe["training"].update(lr=1e-3)
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(str(path), output=str(tmp_path / "c"), log=lambda *a: None)
+    start = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["state_dict"]
+    moved = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert torch.equal(moved["model.e0"], start["model.e0"])  # reference energies are not refitted
+    assert any(not torch.equal(moved[k], start[k]) for k in start if start[k].is_floating_point())
+
+
+def test_start_from_refuses_a_model_block_and_other_fidelities(tmp_path):
+    first = _smoke_recipe(tmp_path, epochs=1)
+    run_recipe(str(first), output=str(tmp_path / "a"), log=lambda *a: None)
+    recipe = yaml.safe_load(first.read_text())
+    recipe["start_from"] = str(tmp_path / "a" / "checkpoint.pt")
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="remove `model:`"):
+        run_recipe(str(path), output=str(tmp_path / "b"), log=lambda *a: None)
+    del recipe["model"]
+    recipe["datasets"] = recipe["datasets"][::-1]  # the same data, fidelities in another order
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="checkpoint's order"):
+        run_recipe(str(path), output=str(tmp_path / "b"), log=lambda *a: None)
