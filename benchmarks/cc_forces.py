@@ -61,6 +61,22 @@ def errors(pred_f, ref_f, pred_e, ref_e, names) -> dict:
     return {"forces_mae_meV_A": float(f), "energy_spread_meV": float(1000 * np.std(centred)), "n_frames": len(names)}
 
 
+def by_molecule(frames, ref_f, pred_f, cheap: dict, outside: dict) -> dict:
+    """Per molecule: forces MAE (meV/Å) of the model's default fidelity and of each cheaper method
+    itself, the molecule's frame and atom counts, and the domain check's first reason (or '')."""
+    rows = {}
+    for name in sorted({a.info.get("name") for a in frames}):
+        members = [i for i, a in enumerate(frames) if a.info.get("name") == name]
+        mae = lambda pred: float(1000 * np.mean(np.abs(np.concatenate([(pred[i] - ref_f[i]).ravel() for i in members]))))
+        row = {"n_frames": len(members), "n_atoms": len(frames[members[0]]), "model": mae(pred_f),
+               "outside": "; ".join(outside.get(name, []))}
+        for label, table in cheap.items():
+            found = {i: table.get(key(frames[i])) for i in members}
+            row[label] = mae({i: forces(x) for i, x in found.items()}) if all(x is not None for x in found.values()) else None
+        rows[name] = row
+    return rows
+
+
 def trained_frames(recipe: dict, n_frames: int) -> set:
     """Indices of the reference file's frames the recipe trains on: its dataset entry for that
     file reads ``index`` (a slice such as ":90"; the labeller appends frames after a model is
@@ -92,12 +108,14 @@ def main():
     meta = read_metadata(resolve_model_path(args.model[0]))
     model_label = " + ".join(args.model)
     cheap = {label: frames_by_key(path) for label, path in CHEAP.items()}
+    default = meta.get("aliases", {}).get(meta["default_fidelity"], meta["default_fidelity"])
     results = {"model": model_label, "checksum": meta.get("checksum"), "groups": {}}
     for group, frames in groups.items():
         names = [a.info.get("name") for a in frames]
         ref_f = [forces(a) for a in frames]
         ref_e = [energy(a) for a in frames]
         rows, own_rows = {}, {}
+        outside, default_f = {}, None
         for label, table in cheap.items():
             found = [table.get(key(a)) for a in frames]
             if all(x is not None for x in found):
@@ -114,6 +132,10 @@ def main():
                 b.calc = calc
                 pred_e.append(b.get_potential_energy())
                 pred_f.append(b.get_forces())
+                if fidelity == default:  # the model's own verdict on the frame (mfcalc.domain)
+                    outside.setdefault(a.info.get("name"), calc.domain_warnings[:1])
+            if fidelity == default:
+                default_f = pred_f
             rows["model fidelity: " + fidelity] = errors(pred_f, ref_f, pred_e, ref_e, names)
             for label, table in cheap.items():  # the fidelity against its own method's gradients
                 own = [table.get(key(a)) for a in frames]
@@ -121,7 +143,8 @@ def main():
                     own_rows[f"model fidelity {fidelity} vs {label} gradients"] = errors(
                         pred_f, [forces(x) for x in own], pred_e, [energy(x) for x in own], names)
         results["groups"][group] = {"molecules": sorted(set(names)), "rows": rows, "own_method": own_rows,
-                                    "mean_abs_force_eV_A": float(np.mean(np.abs(np.concatenate([f.ravel() for f in ref_f]))))}
+                                    "mean_abs_force_eV_A": float(np.mean(np.abs(np.concatenate([f.ravel() for f in ref_f])))),
+                                    "by_molecule": by_molecule(frames, ref_f, default_f, cheap, outside)}
     lines = [f"# Forces against CCSD(T)/cc-pVDZ gradients (`python benchmarks/cc_forces.py --model "
              f"{' '.join(args.model)} --recipe {Path(args.recipe).name}`)", "",
              f"Model `{model_label}` (checksum of the first: {str(meta.get('checksum'))[:12]}). Reference: PySCF all-electron "
@@ -134,6 +157,17 @@ def main():
                   "| forces from | forces MAE (meV/Å) | energy spread (meV) |", "|---|---|---|"]
         for label, r in block["rows"].items():
             lines.append(f"| {label} | {r['forces_mae_meV_A']:.1f} | {r['energy_spread_meV']:.1f} |")
+        if group == "held-out molecules":
+            cheap_labels = list(CHEAP)
+            lines += ["", f"Per molecule, forces MAE (meV/Å): the model's default fidelity ({default}) and each cheaper "
+                      "method itself; 'outside' quotes the model's domain check (`calc.domain_warnings`, "
+                      "mfcalc.domain) on the molecule's first frame:", "",
+                      f"| molecule | frames | atoms | model {default} | " + " | ".join(cheap_labels) + " | outside the training domain |",
+                      "|---|---|---|---|" + "---|" * len(cheap_labels) + "---|"]
+            for name, r in block["by_molecule"].items():
+                lines.append(f"| {name} | {r['n_frames']} | {r['n_atoms']} | {r['model']:.1f} | "
+                             + " | ".join(f"{r[c]:.1f}" if r.get(c) is not None else "-" for c in cheap_labels)
+                             + f" | {r['outside'] or 'no'} |")
         if block["own_method"]:
             lines += ["", "Each cheaper fidelity against its own method's gradients on the same frames:", "",
                       "| | forces MAE (meV/Å) | energy spread (meV) |", "|---|---|---|"]
