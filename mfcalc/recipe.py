@@ -229,7 +229,9 @@ def run_recipe(
         "test_errors_by_dataset": test_by_dataset,
         "test_errors_by_molecule": test_by_molecule,
         "held_out": recipe.get("held_out", {}),
-        **({"start_from": {"path": str(recipe["start_from"]), "checksum": start["checksum"]}} if start else {}),
+        **({"start_from": {"path": str(recipe["start_from"]), "checksum": start["checksum"],
+                           "network": {k: v for k, v in config.items() if k not in ("elements", "fidelities")}}}
+           if start else {}),
         "training_data": provenance,
         "aliases": recipe.get("aliases", {}),
         "default_fidelity": recipe.get("default_fidelity", fidelities[-1]),
@@ -423,5 +425,11 @@ def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> st
         lines += ["", "### Held-out molecules, one by one", "",
                   "Energy MAE in meV (in brackets: its spread within the molecule, offset removed) / "
                   "forces MAE in meV/Å where the data has forces.", ""] + molecule_table(by_molecule)
-    lines += ["", "## Model", "", "```", json.dumps(recipe.get("model", {})), "```", ""]
+    start = card.get("start_from")
+    if start and not recipe.get("model"):
+        network = start.get("network")
+        lines += ["", "## Model", "", f"The network of the checkpoint it continues from (`{start['path']}`)"
+                  + (":" if network else "."), ""] + (["```", json.dumps(network), "```", ""] if network else [])
+    else:
+        lines += ["", "## Model", "", "```", json.dumps(recipe.get("model", {})), "```", ""]
     return "\n".join(lines)

@@ -458,6 +458,8 @@ def test_start_from_continues_from_a_checkpoint_without_refitting(tmp_path):
     a, b = read_metadata(tmp_path / "a" / "model.pt"), read_metadata(tmp_path / "b" / "model.pt")
     assert b["checksum"] == a["checksum"] == card["start_from"]["checksum"]
     assert card["start_from"]["path"] == recipe["start_from"]
+    assert card["start_from"]["network"]["features"] == 8  # the first run's network, in the card and README
+    assert '"features": 8' in (tmp_path / "b" / "README.md").read_text()
     assert f"after training the checkpoint it starts from, `{recipe['start_from']}`" in (tmp_path / "b" / "README.md").read_text()
     # with a learning rate the second stage moves the weights, from the checkpoint's
     recipe["training"].update(lr=1e-3)
