@@ -34,9 +34,9 @@ are written into the model's config.
 ``start_from: PATH`` (a checkpoint.pt, e.g. a shipped model's) continues training from those weights
 instead of a fresh network: the network and its reference energies are the checkpoint's (a recipe with
 ``start_from`` has no ``model:`` block), and the recipe's data must have the checkpoint's fidelities
-and elements. The card records the checkpoint and the checksum of the weights it started from. Use it
-for a second stage at a small constant learning rate whose EMA averages over the stage (``ema_decay``
-close to 1, as in stochastic weight averaging).
+and elements. The card records the checkpoint, the checksum of the weights it started from and the
+network. Use it for a second stage, e.g. a warm restart of the learning-rate schedule
+(recipes/chno-mf.yaml: v8 is v7 continued this way).
 """
 
 import inspect
@@ -169,13 +169,13 @@ def run_recipe(
     splits = load_datasets(recipe, root, by_dataset=True)
     fidelities = list(dict.fromkeys(e["fidelity"] for e in recipe["datasets"]))
     elements = sorted({int(z) for s in splits["train"] for z in s.numbers})
+    start = starting_point(recipe, root, elements, fidelities)
     model_options = dict(recipe.get("model", {}))
     if model_options.get("core_pair_radius") == "auto":
         # each element pair clamped just inside its closest training distance (mfcalc.domain)
         generic = default_config(elements, fidelities, **{**model_options, "core_pair_radius": {}})
         model_options["core_pair_radius"] = pair_clamp_from_data(
             splits["train"], float(generic["cutoff"]), float(generic["core_radius_factor"]))
-    start = starting_point(recipe, root, elements, fidelities)
     config = start["config"] if start else default_config(elements, fidelities, **model_options)
     known = {f.name for f in fields(TrainSettings)}
     unknown = set(recipe.get("training", {})) - known
@@ -184,6 +184,7 @@ def run_recipe(
     settings = TrainSettings(**recipe.get("training", {}))
     torch.manual_seed(settings.seed)
     forcefield = build_forcefield(config, start["state_dict"] if start else None)
+    start_checksum = checksum(forcefield) if start else None  # before training moves the weights
     if rank != 0:
         log = lambda *args, **kwargs: None  # noqa: E731 - one voice in the log
     log(f"model: {config}")
@@ -229,7 +230,7 @@ def run_recipe(
         "test_errors_by_dataset": test_by_dataset,
         "test_errors_by_molecule": test_by_molecule,
         "held_out": recipe.get("held_out", {}),
-        **({"start_from": {"path": str(recipe["start_from"]), "checksum": start["checksum"],
+        **({"start_from": {"path": str(recipe["start_from"]), "checksum": start_checksum,
                            "network": {k: v for k, v in config.items() if k not in ("elements", "fidelities")}}}
            if start else {}),
         "training_data": provenance,
@@ -244,7 +245,7 @@ def run_recipe(
 
 
 def starting_point(recipe: Dict[str, Any], root: Path, elements: List[int], fidelities: List[str]):
-    """The recipe's ``start_from`` checkpoint (config, weights and their checksum), checked against
+    """The recipe's ``start_from`` checkpoint (config and weights), checked against
     the recipe's data; None without ``start_from``."""
     if not recipe.get("start_from"):
         return None
@@ -263,8 +264,7 @@ def starting_point(recipe: Dict[str, Any], root: Path, elements: List[int], fide
     if missing:
         raise ValueError(f"start_from {path} knows the elements {config['elements']}; the recipe's training "
                          f"data also has {missing}: start a new network instead")
-    return {"config": config, "state_dict": payload["state_dict"],
-            "checksum": checksum(build_forcefield(config, payload["state_dict"]).double())}
+    return {"config": config, "state_dict": payload["state_dict"]}
 
 
 def write_model_files(out_dir: Path, recipe: Dict[str, Any], forcefield, card: Dict[str, Any],
@@ -426,10 +426,9 @@ def card_markdown(name: str, recipe: Dict[str, Any], card: Dict[str, Any]) -> st
                   "Energy MAE in meV (in brackets: its spread within the molecule, offset removed) / "
                   "forces MAE in meV/Å where the data has forces.", ""] + molecule_table(by_molecule)
     start = card.get("start_from")
-    if start and not recipe.get("model"):
-        network = start.get("network")
-        lines += ["", "## Model", "", f"The network of the checkpoint it continues from (`{start['path']}`)"
-                  + (":" if network else "."), ""] + (["```", json.dumps(network), "```", ""] if network else [])
+    if start:  # a start_from recipe has no model block: the network is the checkpoint's
+        lines += ["", "## Model", "", f"The network of the checkpoint it continues from (`{start['path']}`):", "",
+                  "```", json.dumps(start["network"]), "```", ""]
     else:
         lines += ["", "## Model", "", "```", json.dumps(recipe.get("model", {})), "```", ""]
     return "\n".join(lines)
